@@ -1,0 +1,120 @@
+//! The one place that knows everything: builds the clients and the shutdown signal, checks the
+//! cluster, and starts the servers and controllers. Other modules never reach across each other.
+
+use std::{fs, io, net::SocketAddr, path::PathBuf};
+
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    admin::{self, Readiness},
+    cli::{CrdsArgs, RunArgs},
+    crd,
+};
+
+/// Why `statelock crds` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdsError {
+    #[error("failed to render the CRDs as YAML: {0}")]
+    Render(#[from] serde_saphyr::SerializeError),
+    #[error("failed to write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// `statelock crds`: print every CRD, or write one file per CRD.
+pub fn crds(args: &CrdsArgs) -> Result<(), CrdsError> {
+    match &args.write_dir {
+        None => {
+            print!("{}", crd::all_to_yaml()?);
+            Ok(())
+        }
+        Some(dir) => {
+            fs::create_dir_all(dir).map_err(|source| CrdsError::Write { path: dir.clone(), source })?;
+            for def in crd::all() {
+                let path = dir.join(crd::file_name(&def));
+                fs::write(&path, crd::to_yaml(&def)?).map_err(|source| CrdsError::Write { path, source })?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Why `statelock run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to load the Kubernetes client configuration (KUBECONFIG, ~/.kube/config or in-cluster): {0}")]
+    LoadKubeConfig(#[source] kube::config::InferConfigError),
+    #[error("failed to build the Kubernetes client: {0}")]
+    BuildKubeClient(#[source] kube::Error),
+    #[error("failed to look up the {api} API on the API server: {source}")]
+    DiscoverCrds { api: String, source: kube::Error },
+    #[error(
+        "required CustomResourceDefinition(s) not installed: {}; install them with `statelock crds | kubectl apply --server-side -f -` or the Helm chart",
+        .0.join(", ")
+    )]
+    CrdsMissing(Vec<String>),
+    #[error("failed to bind the admin server to {addr}: {source}")]
+    BindAdmin { addr: SocketAddr, source: io::Error },
+    #[error("the admin server failed: {0}")]
+    ServeAdmin(#[source] io::Error),
+    #[error("failed to install the signal handler: {0}")]
+    Signals(#[source] io::Error),
+}
+
+/// `statelock run`: the operator.
+pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    let config = kube::Config::infer().await.map_err(RunError::LoadKubeConfig)?;
+    info!(cluster_url = %config.cluster_url, "loaded Kubernetes configuration");
+    let client = Client::try_from(config).map_err(RunError::BuildKubeClient)?;
+
+    let readiness = Readiness::default();
+    readiness.add_gate("crds", "checking that the statelock CRDs are installed");
+    ensure_crds_installed(&client).await?;
+    readiness.open("crds");
+    info!("statelock CRDs are installed");
+
+    let shutdown = CancellationToken::new();
+    let listener = admin::bind(args.admin_addr).await.map_err(|source| RunError::BindAdmin { addr: args.admin_addr, source })?;
+    info!(addr = %args.admin_addr, "admin server listening");
+    let admin = tokio::spawn(admin::serve(listener, readiness.clone(), shutdown.clone()));
+
+    wait_for_termination().await.map_err(RunError::Signals)?;
+    info!("termination signal received; shutting down");
+    shutdown.cancel();
+    match tokio::time::timeout(args.shutdown_timeout, admin).await {
+        Ok(Ok(result)) => result.map_err(RunError::ServeAdmin)?,
+        Ok(Err(join)) => tracing::error!(error = %join, "admin server task failed"),
+        Err(_) => tracing::warn!(timeout = ?args.shutdown_timeout, "admin server did not stop in time"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Check through discovery (which every authenticated client may read, so no extra RBAC) that
+/// both CRDs are served, and name the missing ones otherwise.
+pub async fn ensure_crds_installed(client: &Client) -> Result<(), RunError> {
+    let api = format!("{}/{}", crd::GROUP, crd::VERSION);
+    let served: Vec<String> = match client.list_api_group_resources(&api).await {
+        Ok(list) => list.resources.into_iter().map(|r| r.name).collect(),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Vec::new(),
+        Err(source) => return Err(RunError::DiscoverCrds { api, source }),
+    };
+    let missing: Vec<String> = crd::all()
+        .into_iter()
+        .filter(|def| !served.contains(&def.spec.names.plural))
+        .map(|def| def.metadata.name.unwrap_or_default())
+        .collect();
+    if missing.is_empty() { Ok(()) } else { Err(RunError::CrdsMissing(missing)) }
+}
+
+async fn wait_for_termination() -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

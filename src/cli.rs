@@ -1,0 +1,112 @@
+//! The command line: `statelock crds` and `statelock run`. Every flag can also be set through a
+//! `STATELOCK_*` environment variable, which is how the Helm chart configures the operator.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Terraform/OpenTofu state locks as Kubernetes objects.
+#[derive(Debug, Parser)]
+#[command(name = "statelock", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions (or write one file per CRD with --write-dir).
+    Crds(CrdsArgs),
+    /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
+    Run(RunArgs),
+}
+
+/// Logging options.
+#[derive(Debug, Args)]
+pub struct TelemetryArgs {
+    /// Log line format.
+    #[arg(long, env = "STATELOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter in `tracing` env-filter syntax, e.g. `info,statelock=debug`.
+    #[arg(long, env = "STATELOCK_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CrdsArgs {
+    /// Write each CRD to `<dir>/<plural>.<group>.yaml` instead of printing them all.
+    #[arg(long, env = "STATELOCK_CRDS_WRITE_DIR")]
+    pub write_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address of the admin server (`/livez`, `/readyz`).
+    #[arg(long, env = "STATELOCK_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+
+    /// How long to wait for in-flight work after SIGTERM before exiting anyway.
+    #[arg(long, env = "STATELOCK_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<crate::crd::GoDuration>().map(|d| d.get()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_a_statelock_environment_variable() {
+        fn check(cmd: &clap::Command) {
+            for arg in cmd.get_arguments() {
+                if arg.is_positional() || matches!(arg.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert!(
+                    env.as_deref().is_some_and(|e| e.starts_with("STATELOCK_")),
+                    "flag --{} of `{}` has no STATELOCK_* env var",
+                    arg.get_id(),
+                    cmd.get_name()
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub);
+            }
+        }
+        check(&Cli::command());
+    }
+
+    #[test]
+    fn run_flags_parse_from_the_command_line() {
+        let cli =
+            Cli::try_parse_from(["statelock", "--log-format", "json", "run", "--admin-addr", "127.0.0.1:9", "--shutdown-timeout", "1m"])
+                .expect("parse");
+        assert_eq!(cli.telemetry.log_format, LogFormat::Json);
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        assert_eq!(run.admin_addr, "127.0.0.1:9".parse().expect("addr"));
+        assert_eq!(run.shutdown_timeout, Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,263 @@
+//! `LockSource`: a DynamoDB lock table, and how statelock treats the locks in it.
+
+// clippy reads the repeated `printcolumn(type_ = ...)` arguments of `#[kube]` as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::GoDuration;
+
+/// A DynamoDB table holding Terraform/OpenTofu state locks, and the policy statelock applies to them.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "statelock.dev",
+    version = "v1alpha1",
+    kind = "LockSource",
+    plural = "locksources",
+    shortname = "lsrc",
+    category = "terraform",
+    namespaced,
+    status = "LockSourceStatus",
+    derive = "PartialEq",
+    doc = "A DynamoDB table of Terraform/OpenTofu state locks that statelock mirrors into StateLocks in this namespace, and the policy for expiring them.",
+    printcolumn(name = "Table", type_ = "string", json_path = ".spec.dynamodb.tableName", description = "The DynamoDB table"),
+    printcolumn(name = "Expiry", type_ = "string", json_path = ".spec.expiry.mode", description = "Release or Observe"),
+    printcolumn(name = "Sync", type_ = "string", json_path = ".status.syncMode", description = "The sync mode in use"),
+    printcolumn(name = "Locks", type_ = "integer", json_path = ".status.lockCount", description = "Locks held now"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the table can be read"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp", description = "Age of the LockSource")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LockSourceSpec {
+    /// The DynamoDB table and how to reach it.
+    pub dynamodb: DynamoDbTable,
+
+    /// How statelock keeps its StateLocks in step with the table.
+    #[serde(default)]
+    pub sync: SyncSpec,
+
+    /// Where the Terraform runners that take these locks run.
+    #[serde(default)]
+    pub holders: HolderSpec,
+
+    /// When and how locks whose holder died are released.
+    #[serde(default)]
+    pub expiry: ExpirySpec,
+
+    /// Who may use this table through the statelock gateway.
+    #[serde(default)]
+    pub gateway: GatewaySpec,
+}
+
+/// A DynamoDB table with the key schema Terraform uses (hash key `LockID`, type S).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DynamoDbTable {
+    /// The table name, as in the backend's `dynamodb_table`.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9_.-]{3,255}$"))]
+    pub table_name: String,
+
+    /// The AWS region of the table, e.g. `eu-west-1`.
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,64}$"))]
+    pub region: String,
+
+    /// An endpoint URL overriding the regional DynamoDB endpoint, for DynamoDB-compatible servers
+    /// or VPC endpoints. Unset means the AWS default for the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s/?#]+(/[^\s]*)?$"))]
+    pub endpoint: Option<String>,
+
+    /// A Secret in this namespace holding static AWS credentials for the table. Unset means the
+    /// operator's default credential chain (environment, IRSA web identity, instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<CredentialsSecretRef>,
+}
+
+/// A Secret holding static AWS credentials.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret, in the LockSource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// Key of the access key ID in the Secret.
+    #[serde(default = "default_access_key_id_key")]
+    pub access_key_id_key: String,
+
+    /// Key of the secret access key in the Secret.
+    #[serde(default = "default_secret_access_key_key")]
+    pub secret_access_key_key: String,
+
+    /// Key of an optional session token in the Secret; used when the key is present.
+    #[serde(default = "default_session_token_key")]
+    pub session_token_key: String,
+}
+
+fn default_access_key_id_key() -> String {
+    "AWS_ACCESS_KEY_ID".into()
+}
+fn default_secret_access_key_key() -> String {
+    "AWS_SECRET_ACCESS_KEY".into()
+}
+fn default_session_token_key() -> String {
+    "AWS_SESSION_TOKEN".into()
+}
+
+/// How statelock keeps its StateLocks in step with the table.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "duration(self.interval) >= duration('1s')", "message": "sync.interval must be at least 1s"}]))]
+pub struct SyncSpec {
+    /// `Auto` reads the table's DynamoDB Stream when it has one and scans otherwise; `Streams`
+    /// requires a stream; `Scan` always scans.
+    #[serde(default)]
+    pub mode: SyncMode,
+
+    /// How often to scan in Scan mode (and how often to reconcile in full in Streams mode).
+    #[serde(default = "default_sync_interval")]
+    pub interval: GoDuration,
+}
+
+impl Default for SyncSpec {
+    fn default() -> Self {
+        Self { mode: SyncMode::default(), interval: default_sync_interval() }
+    }
+}
+
+fn default_sync_interval() -> GoDuration {
+    GoDuration::from_secs(5)
+}
+
+/// How to detect changes in the table.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Streams when the table has a stream, Scan otherwise.
+    #[default]
+    Auto,
+    /// DynamoDB Streams only.
+    Streams,
+    /// A full Scan every interval.
+    Scan,
+}
+
+/// Where the Terraform runners that take these locks run.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HolderSpec {
+    /// Namespaces whose pods may hold these locks. Empty means every namespace.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+
+    /// A regular expression (anchored at both ends) for hostnames of in-cluster runners. When the
+    /// hostname in `Who` matches it and no such pod exists, that absence counts as evidence of
+    /// death; other holders with no matching pod are External and never expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub hostname_pattern: Option<String>,
+}
+
+/// When and how locks whose holder died are released.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpirySpec {
+    /// `Release` deletes the lock item once its holder is dead for the grace period; `Observe`
+    /// (the default) only reports. Releasing is opt-in per LockSource.
+    #[serde(default)]
+    pub mode: ExpiryMode,
+
+    /// How long evidence of death must hold before the lock is released.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: GoDuration,
+
+    /// A lock held longer than this gets a Stale condition and one Warning event. Age alone
+    /// never releases a lock.
+    #[serde(default = "default_stale_after")]
+    pub stale_after: GoDuration,
+
+    /// How far apart clocks may be: timestamps closer than this (a pod created "after" the lock,
+    /// a container started "after" it) are not taken as evidence.
+    #[serde(default = "default_skew_tolerance")]
+    pub skew_tolerance: GoDuration,
+}
+
+impl Default for ExpirySpec {
+    fn default() -> Self {
+        Self {
+            mode: ExpiryMode::default(),
+            grace_period: default_grace_period(),
+            stale_after: default_stale_after(),
+            skew_tolerance: default_skew_tolerance(),
+        }
+    }
+}
+
+fn default_grace_period() -> GoDuration {
+    GoDuration::from_secs(15)
+}
+fn default_stale_after() -> GoDuration {
+    GoDuration::from_hours(1)
+}
+fn default_skew_tolerance() -> GoDuration {
+    GoDuration::from_secs(2)
+}
+
+/// What to do with a lock whose holder is dead.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum ExpiryMode {
+    /// Release the lock with a conditional delete.
+    Release,
+    /// Report only; never delete.
+    #[default]
+    Observe,
+}
+
+/// Who may use the table through the statelock gateway.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Namespaces whose pods may use the table through the gateway. Unset means only this
+    /// LockSource's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<Vec<String>>,
+
+    /// CIDR ranges of callers that are not pods and may use the table through the gateway. None
+    /// by default.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(r, isCIDR(r))", "message": "every allowedSourceRanges entry must be a CIDR such as 10.0.0.0/8"}]))]
+    pub allowed_source_ranges: Vec<String>,
+}
+
+/// What statelock observed about the table.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LockSourceStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` says whether the table can be read, with a reason when it cannot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// How many locks the table holds now (digest items not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_count: Option<i32>,
+
+    /// When the table was last read in full without error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+
+    /// The sync mode in use (`Streams` or `Scan`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_mode: Option<SyncMode>,
+}

@@ -1,0 +1,315 @@
+//! `StateLock`: one held Terraform/OpenTofu state lock, mirrored from a lock table.
+
+// clippy reads the repeated `printcolumn(type_ = ...)` arguments of `#[kube]` as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The lock record of one held Terraform/OpenTofu state lock.
+///
+/// The mirror owns `spec` (server-side apply, field manager `statelock-mirror`); the controller
+/// owns `status` (field manager `statelock-controller`).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "statelock.dev",
+    version = "v1alpha1",
+    kind = "StateLock",
+    plural = "statelocks",
+    shortname = "slock",
+    category = "terraform",
+    namespaced,
+    status = "StateLockStatus",
+    derive = "PartialEq",
+    doc = "A Terraform/OpenTofu state lock currently held in a LockSource's DynamoDB table, with its holder and whether that holder is alive.",
+    printcolumn(
+        name = "Path",
+        type_ = "string",
+        json_path = ".spec.lockInfo.path",
+        description = "The state path (bucket/key) that is locked"
+    ),
+    printcolumn(
+        name = "Operation",
+        type_ = "string",
+        json_path = ".spec.lockInfo.operation",
+        description = "The Terraform operation holding the lock"
+    ),
+    printcolumn(
+        name = "Holder",
+        type_ = "string",
+        json_path = ".spec.lockInfo.who",
+        description = "Who holds the lock (user@hostname as Terraform wrote it)"
+    ),
+    printcolumn(
+        name = "Holder-State",
+        type_ = "string",
+        json_path = ".status.holder.state",
+        description = "Whether the holder is Alive, Dead, Unknown, External or Ambiguous"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".spec.lockInfo.created", description = "How long the lock has been held"),
+    printcolumn(
+        name = "Lock-ID",
+        type_ = "string",
+        json_path = ".spec.lockInfo.id",
+        priority = "1",
+        description = "The Terraform lock ID (what force-unlock takes)"
+    ),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".spec.source",
+        priority = "1",
+        description = "The LockSource whose table holds the lock"
+    ),
+    printcolumn(
+        name = "Waiters",
+        type_ = "integer",
+        json_path = ".status.contention.waiterCount",
+        priority = "1",
+        description = "How many clients are waiting for the lock"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StateLockSpec {
+    /// Name of the LockSource, in this namespace, whose DynamoDB table holds the lock item.
+    #[schemars(length(min = 1, max = 253))]
+    pub source: String,
+
+    /// The DynamoDB `LockID` key of the lock item: `<bucket>/<key>`, or
+    /// `<bucket>/env:/<workspace>/<key>` for a non-default workspace.
+    #[schemars(length(min = 1, max = 2048))]
+    pub lock_id: String,
+
+    /// The lock record Terraform wrote in the item's `Info` attribute, as parsed. Fields that are
+    /// missing or malformed in the item are absent here; the `InfoValid` condition says why.
+    #[serde(default)]
+    pub lock_info: LockInfo,
+
+    /// Lowercase hex SHA-256 of the exact `Info` attribute value. It identifies this lock instance:
+    /// statelock releases a lock only while the item still carries this exact `Info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub info_sha256: Option<String>,
+
+    /// The raw `Info` attribute, kept only when it could not be parsed, cut to its first 4096
+    /// bytes (at a character boundary) so that nothing about a malformed item is hidden.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub raw_info: Option<String>,
+}
+
+/// The fields of Terraform's `LockInfo` record (`statemgr.LockInfo`), as written by Terraform and
+/// OpenTofu into the `Info` attribute.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LockInfo {
+    /// The lock ID (`ID`): 16 random bytes as 8-4-4-4-12 hex. It is what `terraform
+    /// force-unlock` and the `statelock.dev/force-unlock` annotation take. Not necessarily an
+    /// RFC-4122 UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+
+    /// The operation holding the lock (`Operation`), e.g. `OperationTypeApply`,
+    /// `OperationTypePlan`, `state-rm` or `init`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+
+    /// Free-form extra information (`Info`); empty for the S3 backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
+
+    /// Who took the lock (`Who`): `user@hostname`. In Kubernetes the hostname is the pod's
+    /// hostname (its name unless the pod sets `spec.hostname`); the user part may be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub who: Option<String>,
+
+    /// The Terraform or OpenTofu version that took the lock (`Version`), without a `v` prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+
+    /// When the lock was first requested (`Created`), exactly as written: RFC 3339 in UTC with 0
+    /// to 9 fractional digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub created: Option<String>,
+
+    /// The locked state path (`Path`); for the S3 backend equal to the LockID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// What statelock knows about a lock: its holder, waiters and life-cycle.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StateLockStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Where the lock is in its life-cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<LockPhase>,
+
+    /// Who holds the lock and whether that holder is alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<HolderStatus>,
+
+    /// The clients currently waiting for this lock, as seen by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contention: Option<ContentionStatus>,
+
+    /// The latest observations of the lock's state (`InfoValid`, `HolderResolved`, `Stale`,
+    /// `Released`), one per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where a lock is in its life-cycle.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum LockPhase {
+    /// The lock is held and its holder is not known to be dead.
+    Held,
+    /// Evidence says the holder is dead; the lock is released when the grace period ends (mode
+    /// Release) or only reported (mode Observe).
+    HolderDead,
+    /// statelock released the lock in DynamoDB; the object goes away with the next sync.
+    Released,
+}
+
+/// Whether a lock's holder is alive.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum HolderState {
+    /// The holder pod exists and nothing says it has stopped.
+    Alive,
+    /// Positive evidence says the holder is gone (see `holder.evidence`).
+    Dead,
+    /// Not enough evidence either way yet (cache not synced, API error, ...); nothing is done.
+    Unknown,
+    /// The holder is not a pod statelock can see (a laptop, a CI runner elsewhere); never expired
+    /// automatically.
+    External,
+    /// Several pods could be the holder; never expired automatically.
+    Ambiguous,
+}
+
+/// How the holder pod was identified.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum HolderIdentification {
+    /// The gateway saw this pod take the lock (from the caller's address): the strongest evidence.
+    Gateway,
+    /// The hostname part of `Who` matched a pod's hostname.
+    Hostname,
+}
+
+/// Who holds a lock, and whether that holder is alive.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HolderStatus {
+    /// Whether the holder is alive.
+    pub state: HolderState,
+
+    /// A CamelCase reason for the state, e.g. `PodRunning`, `PodNotFound`, `PodReplaced`,
+    /// `PodCompleted`, `ContainerRestarted`, `NoMatchingPod`, `SeveralPods`, `CacheNotSynced`.
+    pub reason: String,
+
+    /// A human-readable explanation of the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// The hostname part of `Who`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+
+    /// How the holder pod was identified, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identified_by: Option<HolderIdentification>,
+
+    /// Namespace of the holder pod, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+
+    /// Name of the holder pod, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+
+    /// UID of the holder pod, when known. A pod of the same name with another UID is a different pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+
+    /// The pods (`namespace/name`) that could be the holder, when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<String>,
+
+    /// The evidence of death, once seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<DeathEvidence>,
+
+    /// When `state` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}
+
+/// Evidence that a holder is dead.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeathEvidence {
+    /// The kind of evidence: `PodNotFound`, `PodReplaced`, `PodCompleted` or `ContainerRestarted`.
+    pub reason: String,
+
+    /// What exactly was observed.
+    pub message: String,
+
+    /// When the evidence was first observed; the grace period counts from here.
+    pub observed_at: Time,
+}
+
+/// The clients waiting for a lock.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentionStatus {
+    /// How many clients are waiting now.
+    pub waiter_count: i32,
+
+    /// The waiting clients, one per lock ID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub waiters: Vec<Waiter>,
+}
+
+/// A client waiting for a lock.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiter {
+    /// The lock ID the waiter is trying to take.
+    pub id: String,
+
+    /// The waiter's `Who`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub who: Option<String>,
+
+    /// The waiter's operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+
+    /// Namespace of the waiting pod, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+
+    /// Name of the waiting pod, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+
+    /// When the waiter first tried to take the lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_attempt: Option<Time>,
+
+    /// When the waiter last tried to take the lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<Time>,
+
+    /// How many times the waiter has tried.
+    pub attempts: i32,
+}

@@ -1,0 +1,17 @@
+//! statelock: Terraform/OpenTofu state locks as Kubernetes objects.
+//!
+//! statelock mirrors the lock records of DynamoDB lock tables into `StateLock` custom resources,
+//! resolves each lock's holder to a pod, and releases a lock only on positive evidence that its
+//! holder pod is dead, with a conditional delete that can only remove the instance it judged.
+//!
+//! Layout (dependencies point inward):
+//! - [`app`] wires everything together: clients, shutdown, servers. Nothing else reaches across.
+//! - [`admin`] serves `/livez` and `/readyz`.
+//! - [`crd`] holds the resource types: the single source of truth for the CRDs.
+//! - [`cli`] and [`telemetry`] are the command line and logging.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod crd;
+pub mod telemetry;
