@@ -64,6 +64,9 @@ pub struct Api {
     state: Arc<Mutex<State>>,
     pub clock: Clock,
     pub options: Arc<Options>,
+    /// While true, new watch requests wait before they start (a test hook that makes "the
+    /// client reconnects after the history it needs was compacted" deterministic).
+    pub watches_paused: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The list parameters of a request.
@@ -203,7 +206,12 @@ impl Api {
             set_meta(&mut o, "resourceVersion", json!(rev.to_string()));
             state.store.commit(&rt.storage, "", ns, ChangeType::Added, o);
         }
-        Self { state: Arc::new(Mutex::new(state)), clock, options: Arc::new(options) }
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            clock,
+            options: Arc::new(options),
+            watches_paused: Arc::new(tokio::sync::watch::channel(false).0),
+        }
     }
 
     /// Lock the state.

@@ -253,7 +253,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         serde_json::from_slice(b).map_err(|e| status::bad_request(format!("error decoding request body: {e}")))
     };
     match verb {
-        "watch" => watch(shared.clone(), rt, ns.map(str::to_owned), &query, &accept),
+        "watch" => watch(shared.clone(), rt, ns.map(str::to_owned), &query, &accept).await,
         "list" => {
             if query.contains_key("sendInitialEvents") {
                 return Err(status::invalid_options(
@@ -542,13 +542,19 @@ fn bookmark(rt: &ResourceType, rev: u64, initial_end: bool) -> Bytes {
     Bytes::from(v)
 }
 
-fn watch(
+async fn watch(
     shared: Arc<Shared>,
     rt: ResourceType,
     ns: Option<String>,
     q: &HashMap<String, String>,
     accept: &str,
 ) -> Result<Response<Body>, ApiError> {
+    let mut paused = shared.api.watches_paused.subscribe();
+    while *paused.borrow_and_update() {
+        if paused.changed().await.is_err() {
+            break;
+        }
+    }
     let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or_default()).map_err(status::bad_request)?;
     let fields = shared.api.field_selector(&rt, q.get("fieldSelector").map(String::as_str))?;
     let send_initial = q.get("sendInitialEvents").is_some_and(|s| s == "true");

@@ -106,6 +106,47 @@ impl Emulator {
         std::fs::write(path, self.kubeconfig(token))
     }
 
+    /// Forget history: watches and continue tokens from before now get 410 Expired.
+    pub fn compact(&self) -> u64 {
+        self.api.lock().store.compact()
+    }
+
+    /// End every open watch stream.
+    pub fn drop_watches(&self) -> usize {
+        self.api.lock().store.drop_watches()
+    }
+
+    /// Hold new watch requests (true) until released (false).
+    pub fn pause_watches(&self, paused: bool) {
+        self.api.watches_paused.send_replace(paused);
+    }
+
+    /// The next writes answer with these HTTP codes (409 Conflict or any 5xx), one each, in order.
+    pub fn fail_next_writes(&self, codes: &[u16]) {
+        self.api.lock().faults.next_writes = codes.to_vec();
+    }
+
+    /// Delay every response by this much.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.api.lock().faults.latency_ms = latency.as_millis() as u64;
+    }
+
+    /// Writes that changed something, for one resource (`group` empty for the core group).
+    pub fn writes(&self, group: &str, plural: &str) -> u64 {
+        let key = registry::StorageKey { group: group.into(), plural: plural.into() };
+        self.api.lock().store.write_counts().get(&key).copied().unwrap_or(0)
+    }
+
+    /// Writes that changed something, across all resources.
+    pub fn total_writes(&self) -> u64 {
+        self.api.lock().store.write_counts().values().sum()
+    }
+
+    /// Watches refused with 410 Expired so far.
+    pub fn expired_watches(&self) -> u64 {
+        self.api.lock().store.expired_watches()
+    }
+
     /// Stop serving: close watches, finish requests in flight.
     pub async fn stop(self) {
         self.shutdown.cancel();

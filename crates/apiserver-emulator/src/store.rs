@@ -54,6 +54,7 @@ pub struct Store {
     watchers: Vec<Watcher>,
     next_watcher: u64,
     writes: BTreeMap<StorageKey, u64>,
+    expired_watches: u64,
 }
 
 impl Store {
@@ -67,6 +68,7 @@ impl Store {
             watchers: Vec::new(),
             next_watcher: 0,
             writes: BTreeMap::new(),
+            expired_watches: 0,
         }
     }
 
@@ -169,6 +171,7 @@ impl Store {
     #[allow(clippy::type_complexity)]
     pub fn watch(&mut self, key: &StorageKey, from: u64) -> Result<(u64, Vec<Arc<Change>>, mpsc::UnboundedReceiver<Arc<Change>>), u64> {
         if from < self.compacted {
+            self.expired_watches += 1;
             return Err(self.compacted);
         }
         let backlog: Vec<Arc<Change>> = self.log.iter().filter(|c| c.rev > from && c.key == *key).cloned().collect();
@@ -193,6 +196,11 @@ impl Store {
     /// Open watch streams.
     pub fn watcher_count(&self) -> usize {
         self.watchers.iter().filter(|w| !w.tx.is_closed()).count()
+    }
+
+    /// Watches refused with 410 Expired because they started from a compacted revision.
+    pub fn expired_watches(&self) -> u64 {
+        self.expired_watches
     }
 
     /// Writes per type since start (creates, updates and deletes that changed something).
