@@ -179,3 +179,41 @@ async fn kube_lease_manager_takes_renews_and_loses_a_lease() {
     let a_now = tokio::time::timeout(Duration::from_secs(10), a.changed()).await.expect("a notices").expect("state");
     assert!(!a_now, "a must see that it lost the lease");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kube_runtime_event_recorder_creates_then_counts_a_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let c = Cluster::start().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client(), "default");
+    let obj = api.create(&PostParams::default(), &cm("subject", "1")).await.expect("create");
+    let recorder = Recorder::new(c.client(), Reporter { controller: "statelock-test".into(), instance: Some("pod-0".into()) });
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "LockContended".into(),
+        note: Some("waiting".into()),
+        action: "Wait".into(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(&obj, &());
+    recorder.publish(&event, &reference).await.expect("first publish (POST)");
+    recorder.publish(&event, &reference).await.expect("repeat (merge patch with a series)");
+    let out = c.kubectl(&["get", "events", "-o", "wide"]).await.success();
+    let rows = out.rows();
+    assert_eq!(rows.len(), 2, "one event, counted twice:\n{}", out.stdout);
+    assert_eq!(out.cell(1, "COUNT"), "2", "{}", out.stdout);
+    assert_eq!(out.cell(1, "REASON"), "LockContended", "{}", out.stdout);
+    assert!(rows[1].contains(&"configmap/subject".to_owned()), "{}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_print_name_holder_and_age() {
+    let c = Cluster::start().await;
+    let f = c.file(
+        "lease.yaml",
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: statelock-leader\nspec:\n  holderIdentity: statelock-0\n  leaseDurationSeconds: 15\n",
+    );
+    c.kubectl(&["apply", "-f", f.to_str().expect("path")]).await.success();
+    let out = c.kubectl(&["get", "leases"]).await.success();
+    assert_eq!(out.rows()[0], ["NAME", "HOLDER", "AGE"]);
+    assert_eq!(out.rows()[1][..2], ["statelock-leader".to_owned(), "statelock-0".to_owned()]);
+}

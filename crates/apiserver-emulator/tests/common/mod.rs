@@ -88,6 +88,14 @@ impl Kubectl {
         }
     }
 
+    /// The cell under a column header in data row `row` (1-based after the header), located by
+    /// the header's offset, so that empty cells do not shift columns.
+    pub fn cell(&self, row: usize, header: &str) -> String {
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        let start = lines[0].find(header).unwrap_or_else(|| panic!("no column {header} in:\n{}", self.stdout));
+        lines[row].get(start..).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_owned()
+    }
+
     /// The data rows of a table printout, split on runs of 2+ spaces.
     pub fn rows(&self) -> Vec<Vec<String>> {
         self.stdout.lines().map(|l| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect()).collect()
