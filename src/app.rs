@@ -1,16 +1,19 @@
 //! The one place that knows everything: builds the clients and the shutdown signal, checks the
 //! cluster, and starts the servers and controllers. Other modules never reach across each other.
 
-use std::{fs, io, net::SocketAddr, path::PathBuf};
+use std::{fs, io, net::SocketAddr, path::PathBuf, sync::Arc};
 
-use kube::Client;
+use kube::{
+    Client,
+    runtime::events::{Recorder, Reporter},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
     admin::{self, Readiness},
     cli::{CrdsArgs, RunArgs},
-    crd,
+    crd, mirror,
 };
 
 /// Why `statelock crds` failed.
@@ -79,9 +82,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     info!(addr = %args.admin_addr, "admin server listening");
     let admin = tokio::spawn(admin::serve(listener, readiness.clone(), shutdown.clone()));
 
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
+    let mirror_ctx = Arc::new(mirror::Context { client: client.clone(), recorder });
+    let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
+
     wait_for_termination().await.map_err(RunError::Signals)?;
     info!("termination signal received; shutting down");
     shutdown.cancel();
+    if tokio::time::timeout(args.shutdown_timeout, mirror).await.is_err() {
+        tracing::warn!(timeout = ?args.shutdown_timeout, "the mirror did not stop in time");
+    }
     match tokio::time::timeout(args.shutdown_timeout, admin).await {
         Ok(Ok(result)) => result.map_err(RunError::ServeAdmin)?,
         Ok(Err(join)) => tracing::error!(error = %join, "admin server task failed"),

@@ -58,6 +58,10 @@ pub struct RunArgs {
     #[arg(long, env = "STATELOCK_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,
 
+    /// This replica's name, used as the events' reporting instance (the chart sets the pod name).
+    #[arg(long, env = "STATELOCK_POD_NAME", default_value = "statelock")]
+    pub pod_name: String,
+
     /// How long to wait for in-flight work after SIGTERM before exiting anyway.
     #[arg(long, env = "STATELOCK_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,

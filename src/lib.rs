@@ -7,11 +7,17 @@
 //! Layout (dependencies point inward):
 //! - [`app`] wires everything together: clients, shutdown, servers. Nothing else reaches across.
 //! - [`admin`] serves `/livez` and `/readyz`.
+//! - [`mirror`] keeps StateLocks in step with DynamoDB lock tables.
+//! - [`dynamo`] builds DynamoDB clients, reads tables and parses their items (the parsing is pure).
 //! - [`crd`] holds the resource types: the single source of truth for the CRDs.
+//! - [`reasons`] is the vocabulary of event reasons, condition types and field managers.
 //! - [`cli`] and [`telemetry`] are the command line and logging.
 
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod crd;
+pub mod dynamo;
+pub mod mirror;
+pub mod reasons;
 pub mod telemetry;

@@ -78,3 +78,132 @@ where
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
+
+/// A moto server (DynamoDB, DynamoDB Streams, S3, STS) on a free loopback port; killed on drop.
+pub struct Moto {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let child = python_tool("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server (bash .ci/install puts it in .venv)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A DynamoDB client for moto, built the way the operator builds its clients.
+    pub async fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
+        let creds = statelock::dynamo::StaticCredentials {
+            access_key_id: "AKIAFAKE".into(),
+            secret_access_key: "fake".into(),
+            session_token: None,
+        };
+        statelock::dynamo::dynamodb_client("us-east-1", Some(&self.url()), Some(creds)).await
+    }
+
+    /// Create a Terraform lock table (hash key LockID, type S).
+    pub async fn create_lock_table(&self, name: &str) {
+        use aws_sdk_dynamodb::types::{AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType};
+        self.dynamodb()
+            .await
+            .create_table()
+            .table_name(name)
+            .key_schema(KeySchemaElement::builder().attribute_name("LockID").key_type(KeyType::Hash).build().expect("key"))
+            .attribute_definitions(
+                AttributeDefinition::builder().attribute_name("LockID").attribute_type(ScalarAttributeType::S).build().expect("attr"),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("create table");
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Terraform's Info JSON for a lock, as captured from Terraform 1.11.4.
+pub fn terraform_info(id: &str, who: &str, path: &str, created: &str) -> String {
+    serde_json::json!({"ID": id, "Operation": "OperationTypeApply", "Info": "", "Who": who, "Version": "1.11.4", "Created": created, "Path": path}).to_string()
+}
+
+/// Put an item with string attributes.
+pub async fn put_item(db: &aws_sdk_dynamodb::Client, table: &str, attrs: &[(&str, &str)]) {
+    let mut req = db.put_item().table_name(table);
+    for (k, v) in attrs {
+        req = req.item(*k, aws_sdk_dynamodb::types::AttributeValue::S((*v).to_owned()));
+    }
+    req.send().await.expect("put item");
+}
+
+/// The `statelock` binary with a clean environment: fake AWS credentials for the default chain.
+pub fn statelock_command() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_statelock"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_ACCESS_KEY_ID", "AKIAFAKE")
+        .env("AWS_SECRET_ACCESS_KEY", "fake")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A running operator process.
+pub struct Operator {
+    pub child: tokio::process::Child,
+    pub admin_port: u16,
+}
+
+impl Operator {
+    pub fn start(cluster: &TestCluster) -> Self {
+        let admin_port = free_port();
+        let log = cluster.dir.path().join(format!("operator-{admin_port}.log"));
+        let child = statelock_command()
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("STATELOCK_LOG", "info,statelock=debug")
+            .args(["run", "--admin-addr", &format!("127.0.0.1:{admin_port}"), "--pod-name", "statelock-test-0"])
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn statelock");
+        Self { child, admin_port }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}

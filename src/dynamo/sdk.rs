@@ -1,0 +1,44 @@
+//! The one place SDK clients are built.
+
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_dynamodb::config::Credentials;
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+
+/// Static credentials, e.g. from a LockSource's Secret.
+#[derive(Clone, Debug)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+/// A DynamoDB client for one table's region and endpoint.
+///
+/// Without static credentials it uses the default chain (environment, shared config, IRSA web
+/// identity, ECS/EC2 metadata). TLS is rustls with the ring provider, the same as the kube
+/// client, and the HTTP client is given explicitly (the SDK has none without its default features).
+pub async fn dynamodb_client(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> aws_sdk_dynamodb::Client {
+    let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .http_client(http)
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .timeout_config(
+            TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).operation_attempt_timeout(Duration::from_secs(10)).build(),
+        );
+    if let Some(url) = endpoint {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some(c) = credentials {
+        loader = loader.credentials_provider(Credentials::new(
+            c.access_key_id,
+            c.secret_access_key,
+            c.session_token,
+            None,
+            "statelock-locksource-secret",
+        ));
+    }
+    aws_sdk_dynamodb::Client::new(&loader.load().await)
+}

@@ -1,0 +1,26 @@
+//! Event reasons and condition types: the stable vocabulary users alert on. Documented in the
+//! README; never rename one without a deprecation.
+
+/// A lock was taken (a StateLock appeared). Normal.
+pub const LOCK_ACQUIRED: &str = "LockAcquired";
+/// A lock was released (its StateLock goes away); the note says how long it was held. Normal.
+pub const LOCK_RELEASED: &str = "LockReleased";
+/// A lock item could not be fully parsed; the note says what is wrong. Warning, once.
+pub const LOCK_MALFORMED: &str = "LockMalformed";
+/// A lock has been held longer than its source's `staleAfter`. Warning, once.
+pub const LOCK_STALE: &str = "LockStale";
+/// Two LockIDs map to the same StateLock name; the second is not mirrored. Warning.
+pub const LOCK_NAME_COLLISION: &str = "LockNameCollision";
+
+/// Condition: whether the lock item parsed as a Terraform lock.
+pub const CONDITION_INFO_VALID: &str = "InfoValid";
+/// Condition: whether the lock is older than the source's `staleAfter`.
+pub const CONDITION_STALE: &str = "Stale";
+/// Condition on a LockSource: whether its table can be read.
+pub const CONDITION_READY: &str = "Ready";
+
+/// The label every StateLock carries with the name of its LockSource.
+pub const SOURCE_LABEL: &str = "statelock.dev/source";
+
+/// Field manager of the mirror (owns StateLock spec and the mirror's conditions).
+pub const MIRROR_MANAGER: &str = "statelock-mirror";

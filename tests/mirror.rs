@@ -1,0 +1,257 @@
+//! The mirror, end to end: moto (a real DynamoDB-compatible server over HTTP), the Kubernetes
+//! API emulator, and `statelock run` as a separate process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Moto, Operator, TestCluster, eventually, put_item, terraform_info};
+use k8s_openapi::api::{core::v1::Namespace, events::v1::Event};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+use statelock::crd::{LockSource, StateLock, state_lock_name};
+
+const NS: &str = "terraform";
+const TABLE: &str = "tf-locks";
+
+async fn setup(moto: &Moto, interval: &str) -> TestCluster {
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    let client = cluster.client();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("namespace");
+    let src: LockSource = serde_json::from_value(json!({
+        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
+        "metadata": {"name": "prod-locks", "namespace": NS},
+        "spec": {"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": interval}}
+    }))
+    .expect("LockSource");
+    Api::<LockSource>::namespaced(client, NS).create(&PostParams::default(), &src).await.expect("create LockSource");
+    cluster
+}
+
+async fn statelocks(cluster: &TestCluster) -> Vec<StateLock> {
+    Api::<StateLock>::namespaced(cluster.client(), NS).list(&ListParams::default()).await.expect("list").items
+}
+
+async fn events_for(cluster: &TestCluster, name: &str, reason: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(cluster.client(), NS)
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason))
+        .collect()
+}
+
+async fn source_status(cluster: &TestCluster) -> statelock::crd::LockSourceStatus {
+    Api::<LockSource>::namespaced(cluster.client(), NS).get("prod-locks").await.expect("LockSource").status.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_item_becomes_a_statelock_and_its_release_removes_it() {
+    let moto = Moto::start();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let cluster = setup(&moto, "1s").await;
+    let op = Operator::start(&cluster);
+
+    let lock_id = "tfstate/env:/dev/network/terraform.tfstate";
+    let info = terraform_info("1edde332-0dcf-0332-cbb0-ed1b3daf868d", "@atlantis-0", lock_id, "2026-11-26T13:02:20.23832569Z");
+    put_item(&db, TABLE, &[("LockID", lock_id), ("Info", &info)]).await;
+    put_item(&db, TABLE, &[("LockID", &format!("{lock_id}-md5")), ("Digest", "68018aa8c310c3abe7ba9ee609fcf862")]).await;
+    let name = state_lock_name(lock_id);
+
+    let lock = eventually(Duration::from_secs(30), "the StateLock to appear", || async {
+        statelocks(&cluster)
+            .await
+            .into_iter()
+            .find(|s| s.name_any() == name && s.status.as_ref().is_some_and(|st| !st.conditions.is_empty()))
+    })
+    .await;
+    assert_eq!(lock.spec.lock_id, lock_id);
+    assert_eq!(lock.spec.source, "prod-locks");
+    assert_eq!(lock.spec.lock_info.who.as_deref(), Some("@atlantis-0"));
+    assert_eq!(lock.spec.lock_info.id.as_deref(), Some("1edde332-0dcf-0332-cbb0-ed1b3daf868d"));
+    assert_eq!(lock.spec.lock_info.created.as_deref(), Some("2026-11-26T13:02:20.23832569Z"));
+    assert_eq!(lock.labels().get("statelock.dev/source").map(String::as_str), Some("prod-locks"));
+    let conds = &lock.status.as_ref().expect("status").conditions;
+    assert!(conds.iter().any(|c| c.type_ == "InfoValid" && c.status == "True"), "{conds:?}");
+    assert_eq!(statelocks(&cluster).await.len(), 1, "the digest item is not a lock");
+    let acquired = eventually(Duration::from_secs(10), "LockAcquired", || async {
+        let e = events_for(&cluster, &name, "LockAcquired").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert!(acquired[0].note.as_deref().unwrap_or_default().contains("@atlantis-0"));
+    let status = eventually(Duration::from_secs(10), "LockSource Ready", || async {
+        let s = source_status(&cluster).await;
+        s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(s)
+    })
+    .await;
+    assert_eq!(status.lock_count, Some(1));
+    assert!(status.last_sync_time.is_some());
+
+    // Release: Terraform deletes the lock item (never the digest).
+    db.delete_item()
+        .table_name(TABLE)
+        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(lock_id.into()))
+        .send()
+        .await
+        .expect("delete");
+    eventually(Duration::from_secs(30), "the StateLock to go away", || async { statelocks(&cluster).await.is_empty().then_some(()) }).await;
+    let released = eventually(Duration::from_secs(10), "LockReleased", || async {
+        let e = events_for(&cluster, &name, "LockReleased").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert!(released[0].note.as_deref().unwrap_or_default().contains("released after"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_items_become_statelocks_with_a_condition_and_one_warning() {
+    let moto = Moto::start();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    put_item(&db, TABLE, &[("LockID", "tfstate/bad/terraform.tfstate"), ("Info", "{not json")]).await;
+    db.put_item()
+        .table_name(TABLE)
+        .item("LockID", aws_sdk_dynamodb::types::AttributeValue::S("tfstate/num/terraform.tfstate".into()))
+        .item("Info", aws_sdk_dynamodb::types::AttributeValue::N("42".into()))
+        .send()
+        .await
+        .expect("put");
+    let good = terraform_info("x-1", "root@runner", "tfstate/good/terraform.tfstate", "2026-11-26T13:02:20Z");
+    put_item(&db, TABLE, &[("LockID", "tfstate/good/terraform.tfstate"), ("Info", &good)]).await;
+    let cluster = setup(&moto, "1s").await;
+    let op = Operator::start(&cluster);
+    let locks = eventually(Duration::from_secs(30), "three StateLocks with conditions", || async {
+        let l = statelocks(&cluster).await;
+        (l.len() == 3 && l.iter().all(|s| s.status.as_ref().is_some_and(|st| !st.conditions.is_empty()))).then_some(l)
+    })
+    .await;
+    let bad = locks.iter().find(|l| l.spec.lock_id == "tfstate/bad/terraform.tfstate").expect("bad");
+    let cond = bad.status.as_ref().expect("status").conditions.iter().find(|c| c.type_ == "InfoValid").expect("InfoValid");
+    assert_eq!(cond.status, "False");
+    assert!(cond.message.contains("not valid JSON"), "{}", cond.message);
+    assert_eq!(bad.spec.raw_info.as_deref(), Some("{not json"));
+    let num = locks.iter().find(|l| l.spec.lock_id == "tfstate/num/terraform.tfstate").expect("num");
+    assert!(num.status.as_ref().expect("status").conditions.iter().any(|c| c.message.contains("type N")));
+    // Several passes later there is still exactly one warning per malformed lock.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(events_for(&cluster, &bad.name_any(), "LockMalformed").await.len(), 1);
+    assert_eq!(events_for(&cluster, &num.name_any(), "LockMalformed").await.len(), 1);
+    assert!(events_for(&cluster, &state_lock_name("tfstate/good/terraform.tfstate"), "LockMalformed").await.is_empty());
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_operator_creates_no_duplicates_and_no_spurious_events() {
+    let moto = Moto::start();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    for i in 0..20 {
+        let id = format!("tfstate/app{i}/terraform.tfstate");
+        put_item(&db, TABLE, &[("LockID", &id), ("Info", &terraform_info(&format!("id-{i}"), "root@runner", &id, "2026-11-26T13:02:20Z"))])
+            .await;
+    }
+    let cluster = setup(&moto, "1s").await;
+    let op = Operator::start(&cluster);
+    eventually(Duration::from_secs(30), "20 StateLocks", || async { (statelocks(&cluster).await.len() == 20).then_some(()) }).await;
+    // SIGKILL mid-sync: nothing graceful.
+    op.kill().await;
+    let writes_before = cluster.emulator.writes("statelock.dev", "statelocks");
+    let op2 = Operator::start(&cluster);
+    eventually(Duration::from_secs(30), "the second operator to sync", || async {
+        let s = source_status(&cluster).await;
+        s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(statelocks(&cluster).await.len(), 20);
+    assert_eq!(cluster.emulator.writes("statelock.dev", "statelocks"), writes_before, "a restart rewrites nothing that is already right");
+    for i in 0..20 {
+        let name = state_lock_name(&format!("tfstate/app{i}/terraform.tfstate"));
+        assert_eq!(events_for(&cluster, &name, "LockAcquired").await.len(), 1, "{name}: one LockAcquired across the restart");
+    }
+    op2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_table_is_reported_and_statelocks_are_kept() {
+    let port = common::free_port();
+    let moto = Moto::start_on(port);
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let id = "tfstate/keep/terraform.tfstate";
+    put_item(&db, TABLE, &[("LockID", id), ("Info", &terraform_info("k-1", "root@runner", id, "2026-11-26T13:02:20Z"))]).await;
+    let cluster = setup(&moto, "1s").await;
+    let op = Operator::start(&cluster);
+    eventually(Duration::from_secs(30), "the StateLock", || async { (statelocks(&cluster).await.len() == 1).then_some(()) }).await;
+    moto.stop();
+    let status = eventually(Duration::from_secs(60), "Ready=False", || async {
+        let s = source_status(&cluster).await;
+        s.conditions.iter().find(|c| c.type_ == "Ready" && c.status == "False").cloned()
+    })
+    .await;
+    assert_eq!(status.reason, "TableUnreadable");
+    assert!(status.message.contains(TABLE), "{}", status.message);
+    assert_eq!(statelocks(&cluster).await.len(), 1, "an outage never looks like a release");
+    assert!(events_for(&cluster, &state_lock_name(id), "LockReleased").await.is_empty());
+
+    // Back: a new moto on the same port, with the lock still held.
+    let moto = Moto::start_on(port);
+    moto.create_lock_table(TABLE).await;
+    put_item(&moto.dynamodb().await, TABLE, &[("LockID", id), ("Info", &terraform_info("k-1", "root@runner", id, "2026-11-26T13:02:20Z"))])
+        .await;
+    eventually(Duration::from_secs(60), "Ready=True again", || async {
+        let s = source_status(&cluster).await;
+        s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+    assert_eq!(statelocks(&cluster).await.len(), 1);
+    assert_eq!(events_for(&cluster, &state_lock_name(id), "LockAcquired").await.len(), 1, "the same lock: no second LockAcquired");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_with_5000_digest_items_and_many_locks() {
+    let moto = Moto::start();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+    for chunk in 0..200 {
+        let reqs: Vec<WriteRequest> = (0..25)
+            .map(|i| {
+                let n = chunk * 25 + i;
+                let put = PutRequest::builder()
+                    .item("LockID", AttributeValue::S(format!("tfstate/state{n}/terraform.tfstate-md5")))
+                    .item("Digest", AttributeValue::S(format!("{n:032x}")))
+                    .build()
+                    .expect("put request");
+                WriteRequest::builder().put_request(put).build()
+            })
+            .collect();
+        db.batch_write_item().request_items(TABLE, reqs).send().await.expect("batch write");
+    }
+    for i in 0..60 {
+        let id = format!("tfstate/state{i}/terraform.tfstate");
+        put_item(&db, TABLE, &[("LockID", &id), ("Info", &terraform_info(&format!("id-{i}"), "root@runner", &id, "2026-11-26T13:02:20Z"))])
+            .await;
+    }
+    let cluster = setup(&moto, "2s").await;
+    let op = Operator::start(&cluster);
+    let status = eventually(Duration::from_secs(60), "60 locks mirrored", || async {
+        let s = source_status(&cluster).await;
+        (s.lock_count == Some(60) && statelocks(&cluster).await.len() == 60).then_some(s)
+    })
+    .await;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    assert!(ready.message.contains("5060 items"), "{}", ready.message);
+    op.stop().await;
+}
