@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Moto, Operator, TestCluster, eventually, put_item, terraform_info};
+use common::{DynamoServer, Operator, TestCluster, eventually, put_item, terraform_info};
 use k8s_openapi::api::{core::v1::Namespace, events::v1::Event};
 use kube::{
     Api, ResourceExt,
@@ -17,7 +17,7 @@ use statelock::crd::{LockSource, StateLock, state_lock_name};
 const NS: &str = "terraform";
 const TABLE: &str = "tf-locks";
 
-async fn setup(moto: &Moto, interval: &str) -> TestCluster {
+async fn setup(moto: &DynamoServer, interval: &str) -> TestCluster {
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     let client = cluster.client();
@@ -54,7 +54,15 @@ async fn source_status(cluster: &TestCluster) -> statelock::crd::LockSourceStatu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lock_item_becomes_a_statelock_and_its_release_removes_it() {
-    let moto = Moto::start();
+    lifecycle(DynamoServer::moto()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_item_becomes_a_statelock_and_its_release_removes_it_on_dynalite() {
+    lifecycle(DynamoServer::dynalite()).await;
+}
+
+async fn lifecycle(moto: DynamoServer) {
     moto.create_lock_table(TABLE).await;
     let db = moto.dynamodb().await;
     let cluster = setup(&moto, "1s").await;
@@ -115,7 +123,15 @@ async fn a_lock_item_becomes_a_statelock_and_its_release_removes_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_items_become_statelocks_with_a_condition_and_one_warning() {
-    let moto = Moto::start();
+    malformed(DynamoServer::moto()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_items_become_statelocks_with_a_condition_and_one_warning_on_dynalite() {
+    malformed(DynamoServer::dynalite()).await;
+}
+
+async fn malformed(moto: DynamoServer) {
     moto.create_lock_table(TABLE).await;
     let db = moto.dynamodb().await;
     put_item(&db, TABLE, &[("LockID", "tfstate/bad/terraform.tfstate"), ("Info", "{not json")]).await;
@@ -152,7 +168,7 @@ async fn malformed_items_become_statelocks_with_a_condition_and_one_warning() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_operator_creates_no_duplicates_and_no_spurious_events() {
-    let moto = Moto::start();
+    let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
     let db = moto.dynamodb().await;
     for i in 0..20 {
@@ -185,7 +201,7 @@ async fn a_restarted_operator_creates_no_duplicates_and_no_spurious_events() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_table_is_reported_and_statelocks_are_kept() {
     let port = common::free_port();
-    let moto = Moto::start_on(port);
+    let moto = DynamoServer::moto_on(port);
     moto.create_lock_table(TABLE).await;
     let db = moto.dynamodb().await;
     let id = "tfstate/keep/terraform.tfstate";
@@ -205,7 +221,7 @@ async fn an_unreachable_table_is_reported_and_statelocks_are_kept() {
     assert!(events_for(&cluster, &state_lock_name(id), "LockReleased").await.is_empty());
 
     // Back: a new moto on the same port, with the lock still held.
-    let moto = Moto::start_on(port);
+    let moto = DynamoServer::moto_on(port);
     moto.create_lock_table(TABLE).await;
     put_item(&moto.dynamodb().await, TABLE, &[("LockID", id), ("Info", &terraform_info("k-1", "root@runner", id, "2026-11-26T13:02:20Z"))])
         .await;
@@ -221,7 +237,7 @@ async fn an_unreachable_table_is_reported_and_statelocks_are_kept() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_with_5000_digest_items_and_many_locks() {
-    let moto = Moto::start();
+    let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
     let db = moto.dynamodb().await;
     use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};

@@ -5,7 +5,7 @@ mod common;
 
 use std::{io::Write, process::Stdio, time::Duration};
 
-use common::{Moto, Operator, Terraform, TestCluster, eventually, http_request, kubectl};
+use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, http_request, kubectl};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{Api, api::PostParams};
 use serde_json::json;
@@ -13,8 +13,8 @@ use statelock::crd::LockSource;
 
 const NS: &str = "terraform";
 
-async fn environment() -> (Moto, TestCluster, Operator) {
-    let moto = Moto::start();
+async fn environment() -> (DynamoServer, TestCluster, Operator) {
+    let moto = DynamoServer::moto();
     moto.create_lock_table("tf-locks").await;
     assert_eq!(http_request("PUT", &format!("{}/tfstate", moto.url()), ""), 200, "create the state bucket");
     let cluster = TestCluster::start().await;
@@ -35,7 +35,7 @@ async fn environment() -> (Moto, TestCluster, Operator) {
 
 /// Hold a lock with an apply waiting at its approval prompt, check what kubectl shows, then
 /// answer "no" so that Terraform releases the lock itself.
-async fn apply_shows_then_clears(tf: &Terraform, moto: &Moto, cluster: &TestCluster, key: &str, workspace: Option<&str>) {
+async fn apply_shows_then_clears(tf: &Terraform, moto: &DynamoServer, cluster: &TestCluster, key: &str, workspace: Option<&str>) {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::write(
         dir.path().join("main.tf"),

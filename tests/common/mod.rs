@@ -82,37 +82,55 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// A moto server (DynamoDB, DynamoDB Streams, S3, STS) on a free loopback port; killed on drop.
-pub struct Moto {
+/// A DynamoDB-compatible server on a free loopback port, killed on drop: moto (DynamoDB,
+/// DynamoDB Streams, S3, STS) or dynalite (a second, independent DynamoDB implementation).
+pub struct DynamoServer {
     pub port: u16,
+    pub kind: &'static str,
     child: std::process::Child,
 }
 
-impl Moto {
-    pub fn start() -> Self {
-        Self::start_on(free_port())
+impl DynamoServer {
+    pub fn moto() -> Self {
+        Self::moto_on(free_port())
     }
 
-    pub fn start_on(port: u16) -> Self {
+    pub fn moto_on(port: u16) -> Self {
         let child = python_tool("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("moto_server (bash .ci/install puts it in .venv)");
+        Self::wait(port, "moto", child)
+    }
+
+    pub fn dynalite() -> Self {
+        let port = free_port();
+        let bin = repo_root().join(".tools/node/node_modules/.bin/dynalite");
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} ({e}); bash .ci/install installs dynalite", bin.display()));
+        Self::wait(port, "dynalite", child)
+    }
+
+    fn wait(port: u16, kind: &'static str, child: std::process::Child) -> Self {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            assert!(Instant::now() < deadline, "{kind} did not start on port {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { port, child }
+        Self { port, kind, child }
     }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// A DynamoDB client for moto, built the way the operator builds its clients.
+    /// A DynamoDB client for the server, built the way the operator builds its clients.
     pub async fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
         let creds = statelock::dynamo::StaticCredentials {
             access_key_id: "AKIAFAKE".into(),
@@ -145,7 +163,7 @@ impl Moto {
     }
 }
 
-impl Drop for Moto {
+impl Drop for DynamoServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
