@@ -83,7 +83,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let admin = tokio::spawn(admin::serve(listener, readiness.clone(), shutdown.clone()));
 
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
-    let mirror_ctx = Arc::new(mirror::Context { client: client.clone(), recorder });
+    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
 
     wait_for_termination().await.map_err(RunError::Signals)?;

@@ -18,6 +18,10 @@ const NS: &str = "terraform";
 const TABLE: &str = "tf-locks";
 
 async fn setup(moto: &DynamoServer, interval: &str) -> TestCluster {
+    setup_mode(moto, interval, "Scan").await
+}
+
+async fn setup_mode(moto: &DynamoServer, interval: &str, mode: &str) -> TestCluster {
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     let client = cluster.client();
@@ -26,7 +30,7 @@ async fn setup(moto: &DynamoServer, interval: &str) -> TestCluster {
     let src: LockSource = serde_json::from_value(json!({
         "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
         "metadata": {"name": "prod-locks", "namespace": NS},
-        "spec": {"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": interval}}
+        "spec": {"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": mode, "interval": interval}}
     }))
     .expect("LockSource");
     Api::<LockSource>::namespaced(client, NS).create(&PostParams::default(), &src).await.expect("create LockSource");
@@ -269,5 +273,66 @@ async fn a_table_with_5000_digest_items_and_many_locks() {
     .await;
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
     assert!(ready.message.contains("5060 items"), "{}", ready.message);
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_mode_mirrors_changes_long_before_the_interval() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table_with_stream(TABLE).await;
+    let db = moto.dynamodb().await;
+    let early = "tfstate/early/terraform.tfstate";
+    put_item(&db, TABLE, &[("LockID", early), ("Info", &terraform_info("e-1", "root@runner", early, "2026-11-26T13:02:20Z"))]).await;
+    // An interval of 5 minutes: only the stream can deliver the later changes in time.
+    let cluster = setup_mode(&moto, "5m", "Streams").await;
+    let op = Operator::start(&cluster);
+    let status = eventually(Duration::from_secs(30), "the first full sync", || async {
+        let s = source_status(&cluster).await;
+        (s.lock_count == Some(1)).then_some(s)
+    })
+    .await;
+    assert_eq!(status.sync_mode, Some(statelock::crd::SyncMode::Streams));
+    let id = "tfstate/streamed/terraform.tfstate";
+    put_item(&db, TABLE, &[("LockID", id), ("Info", &terraform_info("s-1", "root@runner", id, "2026-11-26T13:02:20Z"))]).await;
+    put_item(&db, TABLE, &[("LockID", &format!("{id}-md5")), ("Digest", "00")]).await;
+    eventually(Duration::from_secs(20), "the streamed lock", || async { (statelocks(&cluster).await.len() == 2).then_some(()) }).await;
+    db.delete_item()
+        .table_name(TABLE)
+        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(early.into()))
+        .send()
+        .await
+        .expect("delete");
+    eventually(Duration::from_secs(20), "the released lock to go", || async {
+        let l = statelocks(&cluster).await;
+        (l.len() == 1 && l[0].spec.lock_id == id).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_mode_on_a_table_without_a_stream_is_not_ready_and_auto_falls_back_to_scan() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let cluster = setup_mode(&moto, "1s", "Streams").await;
+    let op = Operator::start(&cluster);
+    let cond = eventually(Duration::from_secs(30), "Ready=False", || async {
+        source_status(&cluster).await.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False")
+    })
+    .await;
+    assert_eq!(cond.reason, "StreamNotEnabled");
+    op.stop().await;
+
+    let api = Api::<LockSource>::namespaced(cluster.client(), NS);
+    api.patch("prod-locks", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"spec": {"sync": {"mode": "Auto"}}})))
+        .await
+        .expect("switch to Auto");
+    let op = Operator::start(&cluster);
+    let status = eventually(Duration::from_secs(30), "Ready=True in Scan mode", || async {
+        let s = source_status(&cluster).await;
+        s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(s)
+    })
+    .await;
+    assert_eq!(status.sync_mode, Some(statelock::crd::SyncMode::Scan));
     op.stop().await;
 }

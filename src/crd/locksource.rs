@@ -122,7 +122,9 @@ pub struct SyncSpec {
     #[serde(default)]
     pub mode: SyncMode,
 
-    /// How often to scan in Scan mode (and how often to reconcile in full in Streams mode).
+    /// In Scan mode, how often the table is scanned. In Streams mode, how often ages are
+    /// re-checked (for Stale) without reading the table; changes arrive through the stream within
+    /// about 100 ms, and a full Scan runs only at start, after a stream error and every hour.
     #[serde(default = "default_sync_interval")]
     pub interval: GoDuration,
 }

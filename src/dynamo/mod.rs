@@ -4,7 +4,8 @@
 pub mod capacity;
 pub mod lock_item;
 mod sdk;
+pub mod streams;
 mod table;
 
-pub use sdk::{StaticCredentials, dynamodb_client};
-pub use table::{DynamoError, ScanOutput, scan_table};
+pub use sdk::{DynamoClients, StaticCredentials, dynamo_clients, dynamodb_client, sdk_config};
+pub use table::{DynamoError, ScanOutput, get_item, scan_table, stream_arn};

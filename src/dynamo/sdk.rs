@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_dynamodb::config::Credentials;
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 
@@ -14,12 +14,19 @@ pub struct StaticCredentials {
     pub session_token: Option<String>,
 }
 
-/// A DynamoDB client for one table's region and endpoint.
+/// The clients for one table: the table itself and its stream.
+#[derive(Clone, Debug)]
+pub struct DynamoClients {
+    pub table: aws_sdk_dynamodb::Client,
+    pub streams: aws_sdk_dynamodbstreams::Client,
+}
+
+/// The SDK configuration for one table's region and endpoint.
 ///
 /// Without static credentials it uses the default chain (environment, shared config, IRSA web
 /// identity, ECS/EC2 metadata). TLS is rustls with the ring provider, the same as the kube
 /// client, and the HTTP client is given explicitly (the SDK has none without its default features).
-pub async fn dynamodb_client(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> aws_sdk_dynamodb::Client {
+pub async fn sdk_config(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> SdkConfig {
     let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_owned()))
@@ -40,5 +47,16 @@ pub async fn dynamodb_client(region: &str, endpoint: Option<&str>, credentials: 
             "statelock-locksource-secret",
         ));
     }
-    aws_sdk_dynamodb::Client::new(&loader.load().await)
+    loader.load().await
+}
+
+/// The table and stream clients for one table.
+pub async fn dynamo_clients(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> DynamoClients {
+    let config = sdk_config(region, endpoint, credentials).await;
+    DynamoClients { table: aws_sdk_dynamodb::Client::new(&config), streams: aws_sdk_dynamodbstreams::Client::new(&config) }
+}
+
+/// A DynamoDB client for one table's region and endpoint.
+pub async fn dynamodb_client(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&sdk_config(region, endpoint, credentials).await)
 }

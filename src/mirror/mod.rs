@@ -1,13 +1,24 @@
 //! The mirror: keeps each LockSource's StateLocks in step with its DynamoDB table.
 //!
-//! One task per LockSource scans the table, plans the changes ([`plan`]) and applies them with
-//! server-side apply under the `statelock-mirror` field manager, writing only what changed. It
-//! never touches a StateLock when the table could not be read: an outage is reported on the
-//! LockSource, never mistaken for "every lock was released".
+//! One task per LockSource reads the table, plans the changes ([`plan`]) and applies them with
+//! server-side apply under the `statelock-mirror` field manager, writing only what changed. In
+//! Scan mode it scans every interval. In Streams mode a full Scan establishes the truth (after
+//! the stream position was taken, so nothing falls in between), then the stream is followed,
+//! polled every 100 ms; the interval then only re-plans from memory (for Stale), and a full Scan
+//! runs again after a stream error and every hour as a safety net. It never touches a StateLock
+//! when the table could not be read: an outage is reported on the LockSource, never mistaken for
+//! "every lock was released".
 
 pub mod plan;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
@@ -32,14 +43,41 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     admin::Readiness,
     crd::{LockSource, LockSourceStatus, StateLock, SyncMode},
-    dynamo::{self, StaticCredentials, lock_item::TableItem},
+    dynamo::{
+        self, DynamoClients, StaticCredentials,
+        lock_item::{LockRecord, TableItem},
+        streams::{ItemChange, StreamError, StreamReader},
+    },
     reasons,
 };
+
+/// How often a followed stream is polled.
+const STREAM_POLL: Duration = Duration::from_millis(100);
+/// How often Streams mode re-reads the whole table anyway.
+const STREAMS_FULL_RESYNC: Duration = Duration::from_secs(3600);
 
 /// Everything the mirror's tasks share.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    /// Table read capacity consumed so far, in thousandths of an RCU, counted as DynamoDB bills
+    /// it (see [`dynamo::capacity`]); stream reads are billed separately and not counted here.
+    pub read_units_milli: AtomicU64,
+}
+
+impl Context {
+    pub fn new(client: Client, recorder: Recorder) -> Self {
+        Self { client, recorder, read_units_milli: AtomicU64::new(0) }
+    }
+
+    fn add_read_units(&self, units: f64) {
+        self.read_units_milli.fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+    }
+
+    /// Table read capacity consumed so far.
+    pub fn read_units(&self) -> f64 {
+        self.read_units_milli.load(Ordering::Relaxed) as f64 / 1000.0
+    }
 }
 
 /// Why one sync pass failed.
@@ -49,6 +87,10 @@ pub enum SyncError {
     ReadCredentials { namespace: String, name: String, reason: String },
     #[error(transparent)]
     Dynamo(#[from] dynamo::DynamoError),
+    #[error("sync mode Streams needs a DynamoDB Stream on table {table}, and it has none")]
+    StreamNotEnabled { table: String },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     #[error("failed to list the StateLocks of {source_name}: {error}")]
     ListStateLocks { source_name: String, error: kube::Error },
     #[error("failed to apply StateLock {name}: {error}")]
@@ -63,6 +105,8 @@ impl SyncError {
         match self {
             Self::ReadCredentials { .. } => "CredentialsUnavailable",
             Self::Dynamo(_) => "TableUnreadable",
+            Self::StreamNotEnabled { .. } => "StreamNotEnabled",
+            Self::Stream(_) => "StreamUnreadable",
             Self::ListStateLocks { .. } | Self::ApplyStateLock { .. } | Self::DeleteStateLock { .. } => "KubernetesApiError",
         }
     }
@@ -142,14 +186,22 @@ async fn stop(running: &mut HashMap<SourceKey, Running>, k: &SourceKey) {
 /// What one source's task remembers between passes.
 #[derive(Default)]
 struct SourceState {
-    client: Option<(Option<String>, aws_sdk_dynamodb::Client)>,
+    clients: Option<(Option<String>, DynamoClients)>,
     last_status: Option<(LockSourceStatus, Timestamp)>,
+    /// The stream being followed (Streams mode).
+    stream: Option<StreamReader>,
+    /// The table as last read, by LockID (lock items only).
+    table: BTreeMap<String, LockRecord>,
+    last_full_scan: Option<Instant>,
+    mode: Option<SyncMode>,
+    items: usize,
+    pages: u32,
 }
 
 async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: CancellationToken) {
     let interval = source.spec.sync.interval.get().max(Duration::from_secs(1));
     let mut state = SourceState::default();
-    info!(interval = ?interval, "syncing LockSource");
+    info!(interval = ?interval, mode = ?source.spec.sync.mode, "syncing LockSource");
     loop {
         let result = tokio::select! {
             r = sync_once(&ctx, &source, &mut state) => r,
@@ -158,6 +210,7 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
         let status = match &result {
             Ok(pass) => ready_status(
                 &source,
+                state.mode,
                 true,
                 "Synced",
                 format!("read {} items ({} locks) in {} pages", pass.items, pass.locks, pass.pages),
@@ -165,15 +218,31 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
             ),
             Err(e) => {
                 warn!(error = %e, reason = e.reason(), "sync pass failed; StateLocks left as they were");
-                ready_status(&source, false, e.reason(), e.to_string(), None)
+                ready_status(&source, state.mode, false, e.reason(), e.to_string(), None)
             }
         };
         if let Err(e) = write_source_status(&ctx, &source, status, result.is_ok(), &mut state).await {
             warn!(error = %e, "failed to write LockSource status");
         }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {},
-            () = cancel.cancelled() => return,
+        if result.is_ok() && state.stream.is_some() {
+            // Follow the stream until the next pass is due.
+            let until = Instant::now() + interval;
+            while Instant::now() < until {
+                tokio::select! {
+                    () = tokio::time::sleep(STREAM_POLL) => {},
+                    () = cancel.cancelled() => return,
+                }
+                if let Err(e) = follow_stream(&ctx, &source, &mut state).await {
+                    warn!(error = %e, reason = e.reason(), "stream failed; falling back to a full scan");
+                    state.stream = None;
+                    break;
+                }
+            }
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {},
+                () = cancel.cancelled() => return,
+            }
         }
     }
 }
@@ -201,21 +270,99 @@ async fn credentials(ctx: &Context, source: &LockSource) -> Result<Option<Static
 async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<PassSummary, SyncError> {
     let creds = credentials(ctx, source).await?;
     let fingerprint = creds.as_ref().map(|c| format!("{}:{}", c.access_key_id, c.secret_access_key.len()));
-    if state.client.as_ref().is_none_or(|(f, _)| *f != fingerprint) {
+    if state.clients.as_ref().is_none_or(|(f, _)| *f != fingerprint) {
         let d = &source.spec.dynamodb;
-        state.client = Some((fingerprint, dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await));
+        state.clients = Some((fingerprint, dynamo::dynamo_clients(&d.region, d.endpoint.as_deref(), creds).await));
+        state.stream = None;
     }
-    let Some((_, dynamodb)) = &state.client else { unreachable!("set above") };
+    let Some((_, clients)) = &state.clients else { unreachable!("set above") };
+    let clients = clients.clone();
     let table = &source.spec.dynamodb.table_name;
-    let scan = dynamo::scan_table(dynamodb, table).await?;
-    let mut records = Vec::new();
-    for item in &scan.items {
-        match dynamo::lock_item::parse_item(item) {
-            TableItem::Lock(r) => records.push(*r),
-            TableItem::Digest { .. } => {}
-            TableItem::Unusable { reason } => warn!(%reason, "skipping an item that is not a lock"),
+
+    // Pick the mode; open the stream before scanning so that no change falls in between.
+    let mut full_scan = state.last_full_scan.is_none_or(|t| t.elapsed() >= STREAMS_FULL_RESYNC);
+    match source.spec.sync.mode {
+        SyncMode::Scan => {
+            state.mode = Some(SyncMode::Scan);
+            full_scan = true;
+        }
+        wanted if state.stream.is_none() => match dynamo::stream_arn(&clients.table, table).await? {
+            Some(arn) => {
+                state.stream = Some(StreamReader::open(clients.streams.clone(), arn).await?);
+                state.mode = Some(SyncMode::Streams);
+                full_scan = true;
+            }
+            None if wanted == SyncMode::Streams => return Err(SyncError::StreamNotEnabled { table: table.clone() }),
+            None => {
+                state.mode = Some(SyncMode::Scan);
+                full_scan = true;
+            }
+        },
+        _ => {}
+    }
+    if full_scan {
+        let scan = dynamo::scan_table(&clients.table, table).await?;
+        ctx.add_read_units(scan.read_units);
+        state.table.clear();
+        for item in &scan.items {
+            match dynamo::lock_item::parse_item(item) {
+                TableItem::Lock(r) => {
+                    state.table.insert(r.lock_id.clone(), *r);
+                }
+                TableItem::Digest { .. } => {}
+                TableItem::Unusable { reason } => warn!(%reason, "skipping an item that is not a lock"),
+            }
+        }
+        state.items = scan.items.len();
+        state.pages = scan.pages;
+        state.last_full_scan = Some(Instant::now());
+    }
+    let locks = reconcile(ctx, source, state).await?;
+    Ok(PassSummary { items: state.items, locks, pages: state.pages })
+}
+
+/// Apply what the stream says, and reconcile when something changed.
+async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<(), SyncError> {
+    let Some(reader) = state.stream.as_mut() else { return Ok(()) };
+    let changes = reader.poll().await?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let table = source.spec.dynamodb.table_name.clone();
+    for change in changes {
+        let item = match change {
+            ItemChange::Put(item) => Some(item),
+            ItemChange::Removed(lock_id) => {
+                state.table.remove(&lock_id);
+                None
+            }
+            ItemChange::Touched(lock_id) => {
+                let Some((_, clients)) = &state.clients else { continue };
+                let (item, units) = dynamo::get_item(&clients.table, &table, &lock_id).await?;
+                ctx.add_read_units(units);
+                if item.is_none() {
+                    state.table.remove(&lock_id);
+                }
+                item
+            }
+        };
+        if let Some(item) = item {
+            match dynamo::lock_item::parse_item(&item) {
+                TableItem::Lock(r) => {
+                    state.table.insert(r.lock_id.clone(), *r);
+                }
+                TableItem::Digest { .. } => {}
+                TableItem::Unusable { reason } => warn!(%reason, "skipping an item that is not a lock"),
+            }
         }
     }
+    reconcile(ctx, source, state).await?;
+    Ok(())
+}
+
+/// Plan against the StateLocks that exist and apply the plan; returns the lock count.
+async fn reconcile(ctx: &Context, source: &LockSource, state: &SourceState) -> Result<i32, SyncError> {
+    let records: Vec<LockRecord> = state.table.values().cloned().collect();
     let ns = source.namespace().unwrap_or_default();
     let name = source.name_any();
     let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &ns);
@@ -228,7 +375,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     let now = Timestamp::now();
     let p = plan::plan(&name, &records, &existing, now.as_nanosecond(), source.spec.expiry.stale_after.get().as_secs());
     execute(ctx, source, &api, &existing_objs, &p, now).await?;
-    Ok(PassSummary { items: scan.items.len(), locks: i32::try_from(p.lock_count).unwrap_or(i32::MAX), pages: scan.pages })
+    Ok(i32::try_from(p.lock_count).unwrap_or(i32::MAX))
 }
 
 fn existing_lock(o: &StateLock) -> plan::ExistingLock {
@@ -346,7 +493,14 @@ async fn publish(ctx: &Context, obj: &StateLock, reason: &str, warning: bool, no
     }
 }
 
-fn ready_status(source: &LockSource, ok: bool, reason: &str, message: String, locks: Option<i32>) -> LockSourceStatus {
+fn ready_status(
+    source: &LockSource,
+    mode: Option<SyncMode>,
+    ok: bool,
+    reason: &str,
+    message: String,
+    locks: Option<i32>,
+) -> LockSourceStatus {
     let old = source.status.clone().unwrap_or_default();
     let condition = Condition {
         type_: reasons::CONDITION_READY.into(),
@@ -361,10 +515,7 @@ fn ready_status(source: &LockSource, ok: bool, reason: &str, message: String, lo
         conditions: vec![condition],
         lock_count: locks.or(old.lock_count),
         last_sync_time: old.last_sync_time,
-        sync_mode: Some(match source.spec.sync.mode {
-            SyncMode::Streams => SyncMode::Streams,
-            _ => SyncMode::Scan,
-        }),
+        sync_mode: mode.or(old.sync_mode),
     }
 }
 

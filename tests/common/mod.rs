@@ -109,7 +109,18 @@ impl DynamoServer {
         let port = free_port();
         let bin = repo_root().join(".tools/node/node_modules/.bin/dynalite");
         let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--createTableMs",
+                "0",
+                "--deleteTableMs",
+                "0",
+                "--updateTableMs",
+                "0",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -142,7 +153,17 @@ impl DynamoServer {
 
     /// Create a Terraform lock table (hash key LockID, type S).
     pub async fn create_lock_table(&self, name: &str) {
+        self.create_table(name, false).await;
+    }
+
+    /// Create a Terraform lock table with a DynamoDB Stream (new images).
+    pub async fn create_lock_table_with_stream(&self, name: &str) {
+        self.create_table(name, true).await;
+    }
+
+    async fn create_table(&self, name: &str, stream: bool) {
         use aws_sdk_dynamodb::types::{AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType};
+        use aws_sdk_dynamodb::types::{StreamSpecification, StreamViewType};
         self.dynamodb()
             .await
             .create_table()
@@ -152,6 +173,9 @@ impl DynamoServer {
                 AttributeDefinition::builder().attribute_name("LockID").attribute_type(ScalarAttributeType::S).build().expect("attr"),
             )
             .billing_mode(BillingMode::PayPerRequest)
+            .set_stream_specification(stream.then(|| {
+                StreamSpecification::builder().stream_enabled(true).stream_view_type(StreamViewType::NewImage).build().expect("stream spec")
+            }))
             .send()
             .await
             .expect("create table");
