@@ -336,3 +336,132 @@ async fn streams_mode_on_a_table_without_a_stream_is_not_ready_and_auto_falls_ba
     assert_eq!(status.sync_mode, Some(statelock::crd::SyncMode::Scan));
     op.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_older_than_stale_after_gets_a_stale_condition_and_one_warning() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let id = "tfstate/old/terraform.tfstate";
+    put_item(&db, TABLE, &[("LockID", id), ("Info", &terraform_info("o-1", "root@runner", id, "2020-01-01T00:00:00Z"))]).await;
+    let fresh = "tfstate/fresh/terraform.tfstate";
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    put_item(&db, TABLE, &[("LockID", fresh), ("Info", &terraform_info("f-1", "root@runner", fresh, &now))]).await;
+    let cluster = setup(&moto, "1s").await;
+    let op = Operator::start(&cluster);
+    let name = state_lock_name(id);
+    let lock = eventually(Duration::from_secs(30), "the Stale condition", || async {
+        statelocks(&cluster).await.into_iter().find(|l| {
+            l.name_any() == name && l.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Stale" && c.status == "True"))
+        })
+    })
+    .await;
+    let cond = lock.status.expect("status").conditions.into_iter().find(|c| c.type_ == "Stale").expect("Stale");
+    assert_eq!(cond.reason, "HeldTooLong");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(events_for(&cluster, &name, "LockStale").await.len(), 1, "one warning, not one per pass");
+    assert!(events_for(&cluster, &state_lock_name(fresh), "LockStale").await.is_empty());
+    assert_eq!(statelocks(&cluster).await.len(), 2, "age never releases a lock");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_in_the_middle_of_a_sync_leaves_no_duplicates() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    for i in 0..60 {
+        let id = format!("tfstate/mid{i}/terraform.tfstate");
+        put_item(&db, TABLE, &[("LockID", &id), ("Info", &terraform_info(&format!("m-{i}"), "root@runner", &id, "2026-11-26T13:02:20Z"))])
+            .await;
+    }
+    let cluster = setup(&moto, "1s").await;
+    let op = Operator::start(&cluster);
+    let partial = eventually(Duration::from_secs(30), "the first StateLocks", || async {
+        let n = statelocks(&cluster).await.len();
+        (n >= 1).then_some(n)
+    })
+    .await;
+    op.kill().await;
+    let op2 = Operator::start(&cluster);
+    eventually(Duration::from_secs(30), "all 60 StateLocks", || async { (statelocks(&cluster).await.len() == 60).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let locks = statelocks(&cluster).await;
+    assert_eq!(locks.len(), 60, "killed after {partial} objects: no duplicates, nothing lost");
+    for l in &locks {
+        assert!(events_for(&cluster, &l.name_any(), "LockAcquired").await.len() <= 1, "{}: at most one LockAcquired", l.name_any());
+        assert!(
+            l.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "InfoValid")),
+            "{} got its conditions",
+            l.name_any()
+        );
+    }
+    op2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_come_from_the_referenced_secret_and_a_missing_one_is_reported() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let id = "tfstate/cred/terraform.tfstate";
+    put_item(&db, TABLE, &[("LockID", id), ("Info", &terraform_info("c-1", "root@runner", id, "2026-11-26T13:02:20Z"))]).await;
+    let cluster = setup(&moto, "1s").await;
+    let api = Api::<LockSource>::namespaced(cluster.client(), NS);
+    api.patch(
+        "prod-locks",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"dynamodb": {"credentialsSecretRef": {"name": "aws-creds"}}}})),
+    )
+    .await
+    .expect("reference a Secret");
+    let op = Operator::start(&cluster);
+    let cond = eventually(Duration::from_secs(30), "Ready=False without the Secret", || async {
+        source_status(&cluster).await.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False")
+    })
+    .await;
+    assert_eq!(cond.reason, "CredentialsUnavailable");
+    assert!(cond.message.contains("aws-creds"), "{}", cond.message);
+    assert!(statelocks(&cluster).await.is_empty());
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
+        json!({"metadata": {"name": "aws-creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "AKIASECRET", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}}),
+    )
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(cluster.client(), NS)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create Secret");
+    eventually(Duration::from_secs(30), "the lock mirrored with the Secret's credentials", || async {
+        (statelocks(&cluster).await.len() == 1).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_chain_takes_irsa_web_identity_credentials() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let id = "tfstate/irsa/terraform.tfstate";
+    put_item(&db, TABLE, &[("LockID", id), ("Info", &terraform_info("i-1", "root@runner", id, "2026-11-26T13:02:20Z"))]).await;
+    let cluster = setup(&moto, "1s").await;
+    // What EKS injects for IRSA: a role ARN and a projected token file, no static keys. STS is moto.
+    let token = cluster.dir.path().join("token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6c3RhdGVsb2NrIn0.c2ln").expect("token");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_statelock"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/statelock")
+        .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token)
+        .env("AWS_ENDPOINT_URL_STS", moto.url())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let op = Operator::start_with(&cluster, cmd);
+    eventually(Duration::from_secs(30), "the lock mirrored with web identity credentials", || async {
+        (statelocks(&cluster).await.len() == 1).then_some(())
+    })
+    .await;
+    op.stop().await;
+}

@@ -78,6 +78,11 @@ async fn apply_shows_then_clears(tf: &Terraform, moto: &DynamoServer, cluster: &
     assert_eq!(cells[1], lock_id, "PATH column: {row}");
     assert_eq!(cells[2], "OperationTypeApply", "OPERATION column: {row}");
     assert_eq!(cells[3], "root@atlantis-0", "HOLDER column: {row}");
+    let age = cells.last().copied().unwrap_or_default();
+    assert!(
+        age.ends_with('s') && age.trim_end_matches('s').parse::<u32>().is_ok_and(|n| n < 120),
+        "AGE column from Created (seconds old): {row}"
+    );
     let wide = kubectl(cluster, &["get", "statelocks", "-n", NS, "-o", "wide"]);
     assert!(wide.lines().next().is_some_and(|h| h.contains("LOCK-ID") && h.contains("SOURCE")), "{wide}");
     let version = kubectl(cluster, &["get", "statelocks", "-n", NS, "-o", "jsonpath={.items[0].spec.lockInfo.version}"]);

@@ -229,9 +229,14 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(cluster: &TestCluster) -> Self {
+        Self::start_with(cluster, statelock_command())
+    }
+
+    /// Start with a prepared command (e.g. another AWS environment).
+    pub fn start_with(cluster: &TestCluster, mut cmd: tokio::process::Command) -> Self {
         let admin_port = free_port();
         let log = cluster.dir.path().join(format!("operator-{admin_port}.log"));
-        let child = statelock_command()
+        let child = cmd
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("STATELOCK_LOG", "info,statelock=debug")
             .args(["run", "--admin-addr", &format!("127.0.0.1:{admin_port}"), "--pod-name", "statelock-test-0"])
