@@ -210,7 +210,7 @@ async fn main() {
     create_table(&client, "lag-streams", true).await;
     let scan = lag(&m.url, "lag-scan", "Scan", 200, Duration::from_millis(40)).await;
     let streams = lag(&m.url, "lag-streams", "Streams", 200, Duration::from_millis(40)).await;
-    println!("statelock mirror benchmarks (2 cores, moto {} + API emulator, mirror in-process)", "5.2.5");
+    println!("statelock mirror benchmarks (2 cores, moto 5.2.5 + API emulator, mirror in-process)");
     println!("mirror lag, PutItem returned -> StateLock visible through the API, 200 locks:");
     for (name, l) in [("Scan, 1s interval", &scan), ("Streams", &streams)] {
         println!(
