@@ -13,7 +13,7 @@ use tracing::info;
 use crate::{
     admin::{self, Readiness},
     cli::{CrdsArgs, RunArgs},
-    crd, mirror,
+    crd, expiry, mirror,
 };
 
 /// Why `statelock crds` failed.
@@ -83,14 +83,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let admin = tokio::spawn(admin::serve(listener, readiness.clone(), shutdown.clone()));
 
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
-    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder));
+    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone()));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
+    let expiry = tokio::spawn(expiry::controller::run(client.clone(), recorder, readiness.clone(), shutdown.clone()));
 
     wait_for_termination().await.map_err(RunError::Signals)?;
     info!("termination signal received; shutting down");
     shutdown.cancel();
-    if tokio::time::timeout(args.shutdown_timeout, mirror).await.is_err() {
-        tracing::warn!(timeout = ?args.shutdown_timeout, "the mirror did not stop in time");
+    if tokio::time::timeout(args.shutdown_timeout, async { (mirror.await, expiry.await) }).await.is_err() {
+        tracing::warn!(timeout = ?args.shutdown_timeout, "the mirror or the expiry controller did not stop in time");
     }
     match tokio::time::timeout(args.shutdown_timeout, admin).await {
         Ok(Ok(result)) => result.map_err(RunError::ServeAdmin)?,

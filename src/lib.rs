@@ -18,6 +18,7 @@ pub mod app;
 pub mod cli;
 pub mod crd;
 pub mod dynamo;
+pub mod expiry;
 pub mod mirror;
 pub mod reasons;
 pub mod telemetry;

@@ -12,6 +12,13 @@ pub const LOCK_STALE: &str = "LockStale";
 /// Two LockIDs map to the same StateLock name; the second is not mirrored. Warning.
 pub const LOCK_NAME_COLLISION: &str = "LockNameCollision";
 
+/// Evidence says the holder is dead (on the StateLock and the holder pod). Warning.
+pub const HOLDER_DIED: &str = "HolderDied";
+/// statelock released the lock after its holder died (on the StateLock and the holder pod). Warning.
+pub const LOCK_EXPIRED: &str = "LockExpired";
+/// A release was due but the lock item had changed (re-taken): nothing was released. Warning.
+pub const RELEASE_SKIPPED: &str = "ReleaseSkipped";
+
 /// Condition: whether the lock item parsed as a Terraform lock.
 pub const CONDITION_INFO_VALID: &str = "InfoValid";
 /// Condition: whether the lock is older than the source's `staleAfter`.
@@ -21,6 +28,9 @@ pub const CONDITION_READY: &str = "Ready";
 
 /// The label every StateLock carries with the name of its LockSource.
 pub const SOURCE_LABEL: &str = "statelock.dev/source";
+
+/// Field manager of the expiry controller (owns `status.holder` and `status.phase`).
+pub const CONTROLLER_MANAGER: &str = "statelock-controller";
 
 /// Field manager of the mirror (owns StateLock spec and the mirror's conditions).
 pub const MIRROR_MANAGER: &str = "statelock-mirror";

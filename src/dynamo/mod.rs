@@ -3,6 +3,7 @@
 
 pub mod capacity;
 pub mod lock_item;
+pub mod release;
 mod sdk;
 pub mod streams;
 mod table;

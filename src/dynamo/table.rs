@@ -15,6 +15,8 @@ pub enum DynamoError {
     DescribeTable { table: String, message: String },
     #[error("failed to read lock item {lock_id} from DynamoDB table {table}: {message}")]
     GetItem { table: String, lock_id: String, message: String },
+    #[error("failed to delete lock item {lock_id} from DynamoDB table {table}: {message}")]
+    DeleteItem { table: String, lock_id: String, message: String },
 }
 
 impl DynamoError {
@@ -24,6 +26,7 @@ impl DynamoError {
             Self::ScanTable { .. } => "dynamodb_scan",
             Self::DescribeTable { .. } => "dynamodb_describe",
             Self::GetItem { .. } => "dynamodb_get",
+            Self::DeleteItem { .. } => "dynamodb_delete",
         }
     }
 }

@@ -1,0 +1,379 @@
+//! The expiry controller: for each StateLock, resolve the holder, judge it
+//! ([`holder_liveness::judge`]), record the verdict in status, and release the lock only on
+//! evidence of death held for the grace period, through [`release_exact`].
+//!
+//! Reconciles are event-driven: pod changes map to the StateLocks whose holder they may be (by
+//! hostname or recorded pod), and a pending decision is requeued for the moment its grace period
+//! ends. Status is written with server-side apply as `statelock-controller`, only when it changed.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::holder_liveness::{
+    self, Cache, ContainerFacts, DirectRead, HOLDER_CONTAINER_ANNOTATION, HolderPolicy, LockFacts, PodFacts, PodRef, Verdict,
+};
+use crate::{
+    admin::Readiness,
+    crd::{DeathEvidence, ExpiryMode, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, StateLock, StateLockStatus},
+    dynamo::{
+        self, StaticCredentials,
+        lock_item::{parse_created, split_who},
+        release::{ReleaseOutcome, release_exact},
+    },
+    reasons,
+};
+
+/// Everything reconciles share.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub pods: Store<Pod>,
+    pub sources: Store<LockSource>,
+    pub pods_synced: AtomicBool,
+}
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ExpiryError {
+    #[error("failed to write the status of StateLock {name}: {error}")]
+    WriteStatus { name: String, error: kube::Error },
+    #[error(transparent)]
+    Dynamo(#[from] dynamo::DynamoError),
+    #[error("failed to read credentials Secret {0}: {1}")]
+    Credentials(String, String),
+}
+
+impl ExpiryError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::WriteStatus { .. } => "kubernetes_api",
+            Self::Dynamo(e) => e.category(),
+            Self::Credentials(..) => "credentials",
+        }
+    }
+}
+
+/// The facts about a pod the judge needs.
+pub fn pod_facts(p: &Pod) -> PodFacts {
+    let status = p.status.as_ref();
+    let ts = |t: &Time| t.0.as_nanosecond();
+    PodFacts {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        hostname: p.spec.as_ref().and_then(|s| s.hostname.clone()).filter(|h| !h.is_empty()),
+        created: p.metadata.creation_timestamp.as_ref().map_or(0, ts),
+        phase: status.and_then(|s| s.phase.clone()),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        containers: status
+            .and_then(|s| s.container_statuses.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| ContainerFacts {
+                running_since: c.state.and_then(|s| s.running).and_then(|r| r.started_at).map(|t| ts(&t)),
+                name: c.name,
+            })
+            .collect(),
+        holder_container: p.annotations().get(HOLDER_CONTAINER_ANNOTATION).cloned(),
+    }
+}
+
+fn hostname_of(lock: &StateLock) -> Option<String> {
+    lock.spec.lock_info.who.as_deref().and_then(|w| split_who(w).1).map(str::to_owned)
+}
+
+fn policy(source: &LockSource) -> HolderPolicy {
+    let pattern = source.spec.holders.hostname_pattern.as_deref().and_then(|p| regex::Regex::new(&format!("^(?:{p})$")).ok());
+    HolderPolicy {
+        namespaces: source.spec.holders.namespaces.clone(),
+        hostname_pattern: pattern,
+        skew_tolerance_ns: i128::try_from(source.spec.expiry.skew_tolerance.get().as_nanos()).unwrap_or(i128::MAX),
+    }
+}
+
+/// Run the controller until `shutdown`.
+pub async fn run(client: Client, recorder: Recorder, readiness: Readiness, shutdown: CancellationToken) {
+    readiness.add_gate("pods", "syncing the pod cache");
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (sources, source_writer) = reflector::store::<LockSource>();
+    // The pod cache the judge reads. (The controller's own pod watch below maps events to
+    // StateLocks; sharing one stream needs kube's unstable stream-control API.)
+    let pod_cache = reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let source_stream = reflector::reflector(source_writer, watcher(Api::<LockSource>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let ctx = Arc::new(Context { client: client.clone(), recorder, pods: pods.clone(), sources, pods_synced: AtomicBool::new(false) });
+    {
+        let ctx = ctx.clone();
+        let pods = pods.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            if pods.wait_until_ready().await.is_ok() {
+                ctx.pods_synced.store(true, Ordering::SeqCst);
+                readiness.open("pods");
+            }
+        });
+    }
+    tokio::spawn(source_stream.for_each(|_| async {}));
+    tokio::spawn(pod_cache.for_each(|_| async {}));
+    let locks = Api::<StateLock>::all(client.clone());
+    let controller = Controller::new(locks, watcher::Config::default());
+    let lock_store = controller.store();
+    controller
+        .watches(Api::<Pod>::all(client), watcher::Config::default(), move |pod: Pod| {
+            // A pod event concerns the StateLocks whose holder it may be.
+            let facts = pod_facts(&pod);
+            let host = facts.effective_hostname().to_owned();
+            lock_store
+                .state()
+                .into_iter()
+                .filter(|l| {
+                    hostname_of(l).as_deref() == Some(host.as_str())
+                        || l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| {
+                            h.pod.as_deref() == Some(facts.name.as_str()) && h.namespace.as_deref() == Some(facts.namespace.as_str())
+                        })
+                })
+                .map(|l| ObjectRef::from_obj(&*l))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "expiry reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_: Arc<StateLock>, e: &ExpiryError, _: Arc<Context>) -> Action {
+    warn!(error = %e, category = e.category(), "will retry");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn direct_read(client: &Client, ns: &str, name: &str) -> DirectRead {
+    match Api::<Pod>::namespaced(client.clone(), ns).get_opt(name).await {
+        Ok(None) => DirectRead::NotFound,
+        Ok(Some(_)) => DirectRead::Exists,
+        Err(_) => DirectRead::Failed,
+    }
+}
+
+async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, ExpiryError> {
+    let ns = lock.namespace().unwrap_or_default();
+    let previous = lock.status.clone().unwrap_or_default();
+    let source = ctx.sources.get(&ObjectRef::new(&lock.spec.source).within(&ns));
+    let now = Timestamp::now();
+    let Some(source) = source else {
+        let verdict = Verdict {
+            state: HolderState::Unknown,
+            reason: "SourceNotFound",
+            message: format!("LockSource {} is not known (yet)", lock.spec.source),
+            pod: None,
+            identified_by_gateway: false,
+            candidates: vec![],
+            evidence: None,
+            needs_direct_read: None,
+        };
+        write_status(&ctx, &lock, &previous, &verdict, None, LockPhase::Held, now).await?;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    let facts = LockFacts {
+        created: lock.spec.lock_info.created.as_deref().and_then(parse_created),
+        hostname: hostname_of(&lock),
+        gateway_pod: previous
+            .holder
+            .as_ref()
+            .filter(|h| h.identified_by == Some(HolderIdentification::Gateway))
+            .and_then(|h| Some(PodRef { namespace: h.namespace.clone()?, name: h.pod.clone()?, uid: h.uid.clone() })),
+    };
+    let pods: Vec<PodFacts> = ctx.pods.state().iter().map(|p| pod_facts(p)).collect();
+    let cache = if ctx.pods_synced.load(Ordering::SeqCst) { Cache::Synced } else { Cache::NotSynced };
+    let pol = policy(&source);
+    let mut verdict = holder_liveness::judge(&facts, &pods, &pol, cache, DirectRead::NotDone);
+    if let Some((pns, pname)) = verdict.needs_direct_read.clone() {
+        let direct = direct_read(&ctx.client, &pns, &pname).await;
+        verdict = holder_liveness::judge(&facts, &pods, &pol, cache, direct);
+    }
+    // Evidence is held from when it was first seen; a new kind of evidence starts anew.
+    let observed_at = match (&verdict.evidence, previous.holder.as_ref().and_then(|h| h.evidence.as_ref())) {
+        (Some(e), Some(prev)) if prev.reason == e.reason => Some(prev.observed_at.0),
+        (Some(_), _) => Some(now),
+        (None, _) => None,
+    };
+    let grace = source.spec.expiry.grace_period.get();
+    let mut phase = if verdict.state == HolderState::Dead { LockPhase::HolderDead } else { LockPhase::Held };
+    let newly_dead = verdict.state == HolderState::Dead && previous.holder.as_ref().is_none_or(|h| h.state != HolderState::Dead);
+    if newly_dead {
+        publish(&ctx, &lock, reasons::HOLDER_DIED, &verdict.message, verdict.pod.as_ref()).await;
+    }
+    let mut action = Action::requeue(Duration::from_secs(300));
+    if let (HolderState::Dead, Some(seen)) = (verdict.state, observed_at) {
+        let due = seen.checked_add(jiff_span(grace)).unwrap_or(seen);
+        let releasable = source.spec.expiry.mode == ExpiryMode::Release && lock.spec.info_sha256.is_some();
+        if now < due {
+            action = Action::requeue(
+                Duration::from_nanos(u64::try_from(due.as_nanosecond() - now.as_nanosecond()).unwrap_or(0)).max(Duration::from_millis(50)),
+            );
+        } else if releasable {
+            let outcome = release(&ctx, &source, &lock).await?;
+            match outcome {
+                ReleaseOutcome::Released => {
+                    phase = LockPhase::Released;
+                    let ev = verdict.evidence.as_ref().map(|e| e.message.clone()).unwrap_or_default();
+                    let note = format!(
+                        "released lock {} ({}) held by {}: {ev}",
+                        lock.spec.lock_info.id.as_deref().unwrap_or("?"),
+                        lock.spec.lock_id,
+                        lock.spec.lock_info.who.as_deref().unwrap_or("?")
+                    );
+                    info!(lock = %lock.spec.lock_id, "lock released: holder dead");
+                    publish(&ctx, &lock, reasons::LOCK_EXPIRED, &note, verdict.pod.as_ref()).await;
+                }
+                ReleaseOutcome::AlreadyGone => phase = LockPhase::Released,
+                ReleaseOutcome::HeldByAnother => {
+                    publish(
+                        &ctx,
+                        &lock,
+                        reasons::RELEASE_SKIPPED,
+                        "the lock item changed since it was judged (re-taken or updated); nothing was released",
+                        None,
+                    )
+                    .await;
+                }
+            }
+            action = Action::requeue(Duration::from_secs(5));
+        }
+    }
+    write_status(&ctx, &lock, &previous, &verdict, observed_at, phase, now).await?;
+    Ok(action)
+}
+
+fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX)
+}
+
+async fn release(ctx: &Context, source: &LockSource, lock: &StateLock) -> Result<ReleaseOutcome, ExpiryError> {
+    let Some(sha) = lock.spec.info_sha256.as_deref() else { return Ok(ReleaseOutcome::HeldByAnother) };
+    let d = &source.spec.dynamodb;
+    let creds = match &d.credentials_secret_ref {
+        None => None,
+        Some(r) => {
+            let ns = source.namespace().unwrap_or_default();
+            let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ns)
+                .get(&r.name)
+                .await
+                .map_err(|e| ExpiryError::Credentials(format!("{ns}/{}", r.name), e.to_string()))?;
+            let data = secret.data.unwrap_or_default();
+            let get = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).trim().to_owned());
+            Some(StaticCredentials {
+                access_key_id: get(&r.access_key_id_key)
+                    .ok_or_else(|| ExpiryError::Credentials(r.name.clone(), format!("key {} is missing", r.access_key_id_key)))?,
+                secret_access_key: get(&r.secret_access_key_key)
+                    .ok_or_else(|| ExpiryError::Credentials(r.name.clone(), format!("key {} is missing", r.secret_access_key_key)))?,
+                session_token: get(&r.session_token_key),
+            })
+        }
+    };
+    let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
+    Ok(release_exact(&client, &d.table_name, &lock.spec.lock_id, sha).await?.0)
+}
+
+async fn publish(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(dynamo::lock_item::truncate(note, 1024).to_owned()),
+        action: "Expire".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &lock.object_ref(&())).await {
+        warn!(error = %e, reason, "failed to publish event");
+    }
+    // Also on the holder pod, while it exists.
+    if let Some(p) = pod
+        && let Some(pod) = ctx.pods.get(&ObjectRef::new(&p.name).within(&p.namespace))
+        && let Err(e) = ctx.recorder.publish(&event, &pod.object_ref(&())).await
+    {
+        warn!(error = %e, reason, "failed to publish event on the holder pod");
+    }
+}
+
+async fn write_status(
+    ctx: &Context,
+    lock: &StateLock,
+    previous: &StateLockStatus,
+    v: &Verdict,
+    observed_at: Option<Timestamp>,
+    phase: LockPhase,
+    now: Timestamp,
+) -> Result<(), ExpiryError> {
+    let prev_holder = previous.holder.as_ref();
+    let since = match prev_holder {
+        Some(h) if h.state == v.state => h.since.clone(),
+        _ => Some(Time(now)),
+    };
+    let holder = HolderStatus {
+        state: v.state,
+        reason: v.reason.into(),
+        message: Some(v.message.clone()),
+        hostname: hostname_of(lock),
+        identified_by: v
+            .pod
+            .as_ref()
+            .map(|_| if v.identified_by_gateway { HolderIdentification::Gateway } else { HolderIdentification::Hostname }),
+        namespace: v.pod.as_ref().map(|p| p.namespace.clone()),
+        pod: v.pod.as_ref().map(|p| p.name.clone()),
+        uid: v
+            .pod
+            .as_ref()
+            .and_then(|p| p.uid.clone())
+            .or_else(|| prev_holder.filter(|h| h.pod == v.pod.as_ref().map(|p| p.name.clone())).and_then(|h| h.uid.clone())),
+        candidates: v.candidates.clone(),
+        evidence: v.evidence.as_ref().zip(observed_at).map(|(e, at)| DeathEvidence {
+            reason: e.reason.into(),
+            message: e.message.clone(),
+            observed_at: Time(at),
+        }),
+        since,
+    };
+    if previous.holder.as_ref() == Some(&holder)
+        && previous.phase == Some(phase)
+        && previous.observed_generation == lock.metadata.generation
+    {
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": lock.name_any()},
+        "status": {"observedGeneration": lock.metadata.generation, "phase": phase, "holder": holder},
+    });
+    let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+    api.patch_status(&lock.name_any(), &PatchParams::apply(reasons::CONTROLLER_MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Expiry: deciding whether a lock's holder is dead ([`holder_liveness`], pure) and releasing
+//! the lock only then, with a delete conditioned on the exact lock instance judged.
+
+pub mod controller;
+pub mod holder_liveness;

@@ -1,0 +1,305 @@
+//! Expiry end to end: moto, the API emulator (no kubelet: the tests set pod status), and
+//! `statelock run` as a process. Each evidence rule releases the lock; nothing else does.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, http_request, put_item, terraform_info};
+use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use statelock::crd::{HolderState, LockSource, StateLock, state_lock_name};
+
+const NS: &str = "terraform";
+const RUNNERS: &str = "atlantis";
+const TABLE: &str = "tf-locks";
+const LOCK: &str = "tfstate/app/terraform.tfstate";
+
+struct Env {
+    moto: DynamoServer,
+    cluster: TestCluster,
+    op: Operator,
+    db: aws_sdk_dynamodb::Client,
+}
+
+async fn env(mode: &str) -> Env {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    let client = cluster.client();
+    for ns in [NS, RUNNERS] {
+        let n: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).create(&PostParams::default(), &n).await.expect("namespace");
+    }
+    let src: LockSource = serde_json::from_value(json!({
+        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
+        "metadata": {"name": "prod-locks", "namespace": NS},
+        "spec": {
+            "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()},
+            "sync": {"mode": "Scan", "interval": "1s"},
+            "holders": {"namespaces": [RUNNERS], "hostnamePattern": "atlantis-[0-9]+"},
+            "expiry": {"mode": mode, "gracePeriod": "0s", "staleAfter": "1h", "skewTolerance": "2s"}
+        }
+    }))
+    .expect("LockSource");
+    Api::<LockSource>::namespaced(client, NS).create(&PostParams::default(), &src).await.expect("LockSource");
+    let op = Operator::start(&cluster);
+    Env { moto, cluster, op, db }
+}
+
+/// A running runner pod, as a kubelet would report it.
+async fn runner_pod(cluster: &TestCluster, name: &str) -> Pod {
+    let api: Api<Pod> = Api::namespaced(cluster.client(), RUNNERS);
+    let pod: Pod =
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "atlantis", "image": "atlantis"}]}}))
+            .expect("pod");
+    let pod = api.create(&PostParams::default(), &pod).await.expect("create pod");
+    set_running(cluster, name, &pod.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()).await;
+    pod
+}
+
+async fn set_running(cluster: &TestCluster, name: &str, started: &str) {
+    let api: Api<Pod> = Api::namespaced(cluster.client(), RUNNERS);
+    let status = json!({"status": {"phase": "Running", "containerStatuses": [{"name": "atlantis", "ready": true, "restartCount": 0, "image": "atlantis", "imageID": "", "state": {"running": {"startedAt": started}}}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.expect("pod status");
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+async fn take_lock(db: &aws_sdk_dynamodb::Client, who: &str) -> String {
+    let info = terraform_info("1edde332-0dcf-0332-cbb0-ed1b3daf868d", who, LOCK, &now_rfc3339());
+    put_item(db, TABLE, &[("LockID", LOCK), ("Info", &info)]).await;
+    info
+}
+
+async fn lock_item(db: &aws_sdk_dynamodb::Client) -> Option<String> {
+    let r = db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(LOCK.into())).consistent_read(true).send().await.expect("get");
+    r.item.and_then(|i| i.get("Info").and_then(|v| v.as_s().ok()).cloned())
+}
+
+async fn holder_state(cluster: &TestCluster) -> Option<(HolderState, String)> {
+    let l = Api::<StateLock>::namespaced(cluster.client(), NS).get_opt(&state_lock_name(LOCK)).await.expect("get")?;
+    l.status.and_then(|s| s.holder).map(|h| (h.state, h.reason))
+}
+
+async fn reasons_on_lock(cluster: &TestCluster) -> Vec<String> {
+    let name = state_lock_name(LOCK);
+    Api::<Event>::namespaced(cluster.client(), NS)
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+async fn wait_alive(e: &Env) {
+    let got = eventually(Duration::from_secs(30), "the holder judged Alive", || async {
+        holder_state(&e.cluster).await.filter(|(s, _)| *s == HolderState::Alive)
+    })
+    .await;
+    assert_eq!(got.1, "PodRunning");
+}
+
+async fn wait_released(e: &Env, evidence: &str) {
+    eventually(Duration::from_secs(30), "the lock item to be released", || async { lock_item(&e.db).await.is_none().then_some(()) }).await;
+    let reasons = eventually(Duration::from_secs(10), "HolderDied and LockExpired events", || async {
+        let r = reasons_on_lock(&e.cluster).await;
+        (r.iter().any(|x| x == "HolderDied") && r.iter().any(|x| x == "LockExpired")).then_some(r)
+    })
+    .await;
+    assert!(reasons.iter().any(|r| r == "HolderDied"), "{reasons:?} ({evidence})");
+}
+
+/// Wait long enough for several reconciles and assert the lock is still held.
+async fn assert_never_released(e: &Env, info: &str, expect: HolderState) {
+    let state =
+        eventually(Duration::from_secs(30), "a verdict", || async { holder_state(&e.cluster).await.filter(|(s, _)| *s == expect) }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(info), "the lock must survive ({state:?})");
+    assert!(!reasons_on_lock(&e.cluster).await.iter().any(|r| r == "LockExpired"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_holder_pod_releases_the_lock() {
+    let e = env("Release").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    wait_released(&e, "PodNotFound").await;
+    e.op.stop().await;
+    drop(e.moto);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_completed_holder_pod_releases_the_lock() {
+    let e = env("Release").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS)
+        .patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Failed"}})))
+        .await
+        .expect("pod failed");
+    wait_released(&e, "PodCompleted").await;
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_holder_container_releases_the_lock() {
+    let e = env("Release").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    let later =
+        k8s_openapi::jiff::Timestamp::now().checked_add(k8s_openapi::jiff::SignedDuration::from_secs(10)).expect("time").to_string();
+    set_running(&e.cluster, "atlantis-0", &later).await;
+    wait_released(&e, "ContainerRestarted").await;
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_pod_of_the_same_name_releases_the_lock() {
+    let e = env("Release").await;
+    let info = terraform_info("old-run", "root@atlantis-0", LOCK, "2020-01-01T00:00:00Z");
+    put_item(&e.db, TABLE, &[("LockID", LOCK), ("Info", &info)]).await;
+    // The StatefulSet pod atlantis-0 exists again, created long after the lock was taken.
+    runner_pod(&e.cluster, "atlantis-0").await;
+    wait_released(&e, "PodReplaced").await;
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_holder_is_never_released_even_with_two_operators_nor_when_unknown_or_terminating() {
+    let e = env("Release").await;
+    // A second operator process at the same time (no leader election yet): neither may release.
+    let op2 = Operator::start(&e.cluster);
+    runner_pod(&e.cluster, "atlantis-0").await;
+    let info = take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    assert_never_released(&e, &info, HolderState::Alive).await;
+    let pods: Api<Pod> = Api::namespaced(e.cluster.client(), RUNNERS);
+    // Phase Unknown (node unreachable): not evidence.
+    pods.patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Unknown"}})))
+        .await
+        .expect("unknown");
+    eventually(Duration::from_secs(20), "PodPhaseUnknown", || async {
+        holder_state(&e.cluster).await.filter(|(_, r)| r == "PodPhaseUnknown")
+    })
+    .await;
+    assert_never_released(&e, &info, HolderState::Unknown).await;
+    // Terminating (a finalizer keeps it): Terraform may still be releasing; not evidence.
+    pods.patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Running"}})))
+        .await
+        .expect("running");
+    pods.patch("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold"]}})))
+        .await
+        .expect("finalizer");
+    pods.delete("atlantis-0", &DeleteParams::default()).await.expect("delete");
+    eventually(Duration::from_secs(20), "PodTerminating", || async {
+        holder_state(&e.cluster).await.filter(|(_, r)| r == "PodTerminating")
+    })
+    .await;
+    assert_never_released(&e, &info, HolderState::Alive).await;
+    e.op.stop().await;
+    op2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn external_holders_and_observe_mode_never_release() {
+    let e = env("Release").await;
+    let info = take_lock(&e.db, "jane@janes-laptop").await;
+    assert_never_released(&e, &info, HolderState::External).await;
+    e.op.stop().await;
+
+    let o = env("Observe").await;
+    runner_pod(&o.cluster, "atlantis-0").await;
+    let info = take_lock(&o.db, "root@atlantis-0").await;
+    wait_alive(&o).await;
+    Api::<Pod>::namespaced(o.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    let dead = eventually(Duration::from_secs(30), "Dead in Observe mode", || async {
+        holder_state(&o.cluster).await.filter(|(s, _)| *s == HolderState::Dead)
+    })
+    .await;
+    assert_eq!(dead.1, "PodNotFound");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lock_item(&o.db).await.as_deref(), Some(info.as_str()), "Observe never deletes");
+    assert!(reasons_on_lock(&o.cluster).await.iter().any(|r| r == "HolderDied"));
+    let lock = Api::<StateLock>::namespaced(o.cluster.client(), NS).get(&state_lock_name(LOCK)).await.expect("lock");
+    let status = lock.status.expect("status");
+    assert_eq!(status.phase, Some(statelock::crd::LockPhase::HolderDead));
+    assert!(status.holder.and_then(|h| h.evidence).is_some_and(|ev| ev.reason == "PodNotFound"));
+    o.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_killed_with_sigkill_is_released_once_its_pod_is_gone_and_the_next_run_proceeds() {
+    use std::{io::Write, os::unix::process::CommandExt, process::Stdio};
+    let e = env("Release").await;
+    assert_eq!(http_request("PUT", &format!("{}/tfstate", e.moto.url()), ""), 200, "state bucket");
+    runner_pod(&e.cluster, "atlantis-0").await;
+    runner_pod(&e.cluster, "atlantis-1").await;
+    let tf = Terraform::modern();
+    let workdir = |name: &str| {
+        let dir = e.cluster.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join("main.tf"),
+            format!(
+                "{}\nvariable \"v\" {{\n  default = \"a\"\n}}\noutput \"v\" {{\n  value = var.v\n}}\n",
+                tf.backend(&e.moto.url(), "app/terraform.tfstate", TABLE)
+            ),
+        )
+        .expect("main.tf");
+        dir
+    };
+    let (dir_a, dir_b) = (workdir("runner-a"), workdir("runner-b"));
+    for (dir, host) in [(&dir_a, "atlantis-0"), (&dir_b, "atlantis-1")] {
+        let init = tf.command(dir, host, &["init", "-input=false", "-no-color"]).output().expect("init");
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    }
+    // Runner A (pod atlantis-0) holds the lock at its approval prompt, then dies hard.
+    let mut a = tf
+        .command(&dir_a, "atlantis-0", &["apply", "-no-color", "-var", "v=a2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("apply A");
+    eventually(Duration::from_secs(60), "A's lock judged Alive", || async {
+        holder_state(&e.cluster).await.filter(|(s, _)| *s == HolderState::Alive)
+    })
+    .await;
+    let held = lock_item(&e.db).await.expect("A holds the lock");
+    assert!(held.contains("root@atlantis-0"), "{held}");
+    let pgid = a.id();
+    assert!(std::process::Command::new("kill").args(["-9", "--", &format!("-{pgid}")]).status().expect("kill").success());
+    let _ = a.wait();
+    let _ = a.stdin.take().map(|mut s| s.write_all(b""));
+    // The process is gone but its pod is not: statelock cannot know, and must not release.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(held.as_str()), "a stale lock whose pod lives is kept");
+    // B cannot take it.
+    let blocked = tf.command(&dir_b, "atlantis-1", &["apply", "-no-color", "-auto-approve", "-var", "v=b"]).output().expect("apply B");
+    assert!(!blocked.status.success(), "B must be blocked while A's lock stands");
+    // A's pod is deleted (evicted): evidence; the lock is released.
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    wait_released(&e, "PodNotFound").await;
+    // B proceeds, with locking on.
+    let ok = tf.command(&dir_b, "atlantis-1", &["apply", "-no-color", "-auto-approve", "-var", "v=b"]).output().expect("apply B");
+    assert!(ok.status.success(), "B applies once the dead holder's lock is released: {}", String::from_utf8_lossy(&ok.stderr));
+    e.op.stop().await;
+}
