@@ -12,152 +12,29 @@
 //! Needs moto in the repository's .venv (bash .ci/install). Run:
 //! `cargo bench --bench mirror` (BENCH_SECONDS sets the cost window, default 30).
 
+mod common;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use apiserver_emulator::{Config, Emulator};
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest, ScalarAttributeType, StreamSpecification,
-    StreamViewType, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use common::{create_table, db, moto, percentile, put_lock, rig};
 use futures::StreamExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
-    runtime::{
-        WatchStreamExt,
-        events::{Recorder, Reporter},
-        watcher,
-    },
+    Api,
+    runtime::{WatchStreamExt, watcher},
 };
-use serde_json::json;
 use statelock::{
-    admin::Readiness,
     crd::{LockSource, StateLock},
-    dynamo::{self, StaticCredentials},
-    mirror,
+    dynamo,
 };
-use tokio_util::sync::CancellationToken;
-
-struct Moto {
-    url: String,
-    child: std::process::Child,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/moto_server");
-    let child = std::process::Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("moto_server in .venv (bash .ci/install)");
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Moto { url: format!("http://127.0.0.1:{port}"), child }
-}
-
-async fn db(url: &str) -> aws_sdk_dynamodb::Client {
-    dynamo::dynamodb_client(
-        "us-east-1",
-        Some(url),
-        Some(StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None }),
-    )
-    .await
-}
-
-async fn create_table(db: &aws_sdk_dynamodb::Client, name: &str, stream: bool) {
-    db.create_table()
-        .table_name(name)
-        .key_schema(KeySchemaElement::builder().attribute_name("LockID").key_type(KeyType::Hash).build().expect("key"))
-        .attribute_definitions(
-            AttributeDefinition::builder().attribute_name("LockID").attribute_type(ScalarAttributeType::S).build().expect("attr"),
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .set_stream_specification(
-            stream.then(|| {
-                StreamSpecification::builder().stream_enabled(true).stream_view_type(StreamViewType::NewImage).build().expect("spec")
-            }),
-        )
-        .send()
-        .await
-        .expect("create table");
-}
-
-fn info(i: usize, lock_id: &str) -> String {
-    json!({"ID": format!("id-{i}"), "Operation": "OperationTypeApply", "Info": "", "Who": "root@runner", "Version": "1.11.4", "Created": "2026-11-26T13:02:20.238325691Z", "Path": lock_id}).to_string()
-}
-
-async fn put_lock(db: &aws_sdk_dynamodb::Client, table: &str, i: usize, prefix: &str) {
-    let id = format!("tfstate/{prefix}{i}/terraform.tfstate");
-    db.put_item()
-        .table_name(table)
-        .item("LockID", AttributeValue::S(id.clone()))
-        .item("Info", AttributeValue::S(info(i, &id)))
-        .send()
-        .await
-        .expect("put");
-}
-
-/// A cluster, the CRDs, one LockSource and the mirror running in this process.
-struct Rig {
-    emulator: Emulator,
-    ctx: Arc<mirror::Context>,
-    cancel: CancellationToken,
-}
-
-async fn rig(url: &str, table: &str, mode: &str, interval: &str) -> Rig {
-    let emulator = Emulator::start("127.0.0.1:0".parse().expect("addr"), Config::default()).await.expect("emulator");
-    let mut config = kube::Config::new(emulator.url().parse().expect("url"));
-    config.default_namespace = "default".into();
-    let client = kube::Client::try_from(config).expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in statelock::crd::all() {
-        crds.patch(&crd.name_any(), &PatchParams::apply("bench").force(), &Patch::Apply(&crd)).await.expect("crd");
-    }
-    // Credentials through a Secret: this process has no AWS environment.
-    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
-        json!({"metadata": {"name": "aws"}, "stringData": {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "fake"}}),
-    )
-    .expect("secret");
-    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
-    let src: LockSource = serde_json::from_value(json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": "bench", "namespace": "default"},
-        "spec": {"dynamodb": {"tableName": table, "region": "us-east-1", "endpoint": url, "credentialsSecretRef": {"name": "aws"}}, "sync": {"mode": mode, "interval": interval}}
-    }))
-    .expect("src");
-    Api::<LockSource>::namespaced(client.clone(), "default").create(&PostParams::default(), &src).await.expect("LockSource");
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
-    let ctx = Arc::new(mirror::Context::new(client, recorder));
-    let cancel = CancellationToken::new();
-    tokio::spawn(mirror::run(ctx.clone(), Readiness::default(), cancel.clone()));
-    Rig { emulator, ctx, cancel }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
 
 /// Lag of `n` locks put every `gap`.
 async fn lag(url: &str, table: &str, mode: &str, n: usize, gap: Duration) -> Vec<Duration> {
-    let rig = rig(url, table, mode, "1s").await;
+    let rig = rig(url, table, serde_json::json!({"sync": {"mode": mode, "interval": "1s"}})).await;
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut config = kube::Config::new(rig.emulator.url().parse().expect("url"));
     config.default_namespace = "default".into();
@@ -188,7 +65,7 @@ async fn lag(url: &str, table: &str, mode: &str, n: usize, gap: Duration) -> Vec
     }
     let seen = seen.lock().expect("lock").clone();
     if seen.len() < n {
-        let src = Api::<LockSource>::namespaced(rig.ctx.client.clone(), "default").get("bench").await.expect("LockSource");
+        let src = Api::<LockSource>::namespaced(rig.mirror.client.clone(), "default").get("bench").await.expect("LockSource");
         eprintln!("only {} of {n} locks became visible; LockSource status: {:?}", seen.len(), src.status);
     }
     let mut lags: Vec<Duration> = written.iter().filter_map(|(id, t)| seen.get(id).map(|s| s.saturating_duration_since(*t))).collect();
@@ -240,13 +117,13 @@ async fn main() {
     for i in 0..50 {
         put_lock(&client, "cost", i, "state").await;
     }
-    let rig = rig(&m.url, "cost", "Streams", "1s").await;
+    let rig = rig(&m.url, "cost", serde_json::json!({"sync": {"mode": "Streams", "interval": "1s"}})).await;
     // The initial full Scan: in Streams mode it repeats once an hour (the safety-net rescan).
-    while rig.ctx.read_units() == 0.0 {
+    while rig.mirror.read_units() == 0.0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let initial_scan = rig.ctx.read_units();
+    let initial_scan = rig.mirror.read_units();
     let started = Instant::now();
     // One lock taken and one released every second, as a busy team would.
     let mut t = 0;
@@ -260,7 +137,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let window = started.elapsed().as_secs_f64();
-    let churn_units = rig.ctx.read_units() - initial_scan;
+    let churn_units = rig.mirror.read_units() - initial_scan;
     rig.cancel.cancel();
     // Baseline, same table, same process: a full Scan every second for the same window.
     let started = Instant::now();

@@ -19,6 +19,13 @@ pub const LOCK_EXPIRED: &str = "LockExpired";
 /// A release was due but the lock item had changed (re-taken): nothing was released. Warning.
 pub const RELEASE_SKIPPED: &str = "ReleaseSkipped";
 
+/// A `statelock.dev/force-unlock` request released the lock. Warning.
+pub const FORCE_UNLOCKED: &str = "ForceUnlocked";
+/// A force-unlock request was refused because the holder is alive. Warning.
+pub const UNLOCK_REFUSED: &str = "UnlockRefused";
+/// A force-unlock request named another lock ID: nothing released. Warning.
+pub const UNLOCK_ID_MISMATCH: &str = "UnlockIdMismatch";
+
 /// Condition: whether the lock item parsed as a Terraform lock.
 pub const CONDITION_INFO_VALID: &str = "InfoValid";
 /// Condition: whether the lock is older than the source's `staleAfter`.

@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, http_request, put_item, terraform_info};
 use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
@@ -301,5 +301,92 @@ async fn terraform_killed_with_sigkill_is_released_once_its_pod_is_gone_and_the_
     // B proceeds, with locking on.
     let ok = tf.command(&dir_b, "atlantis-1", &["apply", "-no-color", "-auto-approve", "-var", "v=b"]).output().expect("apply B");
     assert!(ok.status.success(), "B applies once the dead holder's lock is released: {}", String::from_utf8_lossy(&ok.stderr));
+    e.op.stop().await;
+}
+
+async fn annotate(cluster: &TestCluster, annotations: serde_json::Value) {
+    Api::<StateLock>::namespaced(cluster.client(), NS)
+        .patch(&state_lock_name(LOCK), &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": annotations}})))
+        .await
+        .expect("annotate");
+}
+
+async fn wait_event(cluster: &TestCluster, reason: &str) {
+    eventually(Duration::from_secs(20), reason, || async { reasons_on_lock(cluster).await.iter().any(|r| r == reason).then_some(()) })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_unlock_checks_the_id_and_refuses_a_live_holder_unless_told() {
+    let e = env("Observe").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    let info = take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    let id = "1edde332-0dcf-0332-cbb0-ed1b3daf868d";
+
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": "00000000-0000-0000-0000-000000000000"})).await;
+    wait_event(&e.cluster, "UnlockIdMismatch").await;
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(info.as_str()), "a wrong ID releases nothing");
+    let lock = Api::<StateLock>::namespaced(e.cluster.client(), NS).get(&state_lock_name(LOCK)).await.expect("lock");
+    assert!(!lock.annotations().contains_key("statelock.dev/force-unlock"), "the request is consumed");
+
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id})).await;
+    wait_event(&e.cluster, "UnlockRefused").await;
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(info.as_str()), "a live holder is not released without the override");
+
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id, "statelock.dev/force-unlock-live": "true"})).await;
+    wait_event(&e.cluster, "ForceUnlocked").await;
+    assert_eq!(lock_item(&e.db).await, None, "released through the conditional delete (even in Observe mode: a person asked)");
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_unlock_of_an_external_holder_needs_only_the_right_id() {
+    let e = env("Release").await;
+    take_lock(&e.db, "jane@janes-laptop").await;
+    eventually(Duration::from_secs(30), "External", || async {
+        holder_state(&e.cluster).await.filter(|(s, _)| *s == HolderState::External)
+    })
+    .await;
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": "1edde332-0dcf-0332-cbb0-ed1b3daf868d"})).await;
+    wait_event(&e.cluster, "ForceUnlocked").await;
+    assert_eq!(lock_item(&e.db).await, None);
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_holder_pods_deleted_at_once_all_release_their_locks() {
+    // Guards the cache/trigger ordering: a reconcile triggered by a pod deletion must see that
+    // deletion in the pod cache (one watch feeds both), or a lock stays judged Alive.
+    let e = env("Release").await;
+    const N: usize = 25;
+    for i in 0..N {
+        runner_pod(&e.cluster, &format!("atlantis-{i}")).await;
+    }
+    for i in 0..N {
+        let id = format!("tfstate/many{i}/terraform.tfstate");
+        put_item(
+            &e.db,
+            TABLE,
+            &[("LockID", &id), ("Info", &terraform_info(&format!("m-{i}"), &format!("root@atlantis-{i}"), &id, &now_rfc3339()))],
+        )
+        .await;
+    }
+    let locks: Api<StateLock> = Api::namespaced(e.cluster.client(), NS);
+    eventually(Duration::from_secs(60), "every holder judged Alive", || async {
+        let l = locks.list(&ListParams::default()).await.ok()?.items;
+        (l.iter().filter(|x| x.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| h.state == HolderState::Alive)).count() == N)
+            .then_some(())
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(e.cluster.client(), RUNNERS);
+    for i in 0..N {
+        pods.delete(&format!("atlantis-{i}"), &DeleteParams::default()).await.expect("delete");
+    }
+    eventually(Duration::from_secs(30), "every lock released", || async {
+        let scan = e.db.scan().table_name(TABLE).send().await.ok()?;
+        (scan.count == 0).then_some(())
+    })
+    .await;
     e.op.stop().await;
 }

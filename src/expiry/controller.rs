@@ -34,6 +34,7 @@ use tracing::{info, warn};
 use super::holder_liveness::{
     self, Cache, ContainerFacts, DirectRead, HOLDER_CONTAINER_ANNOTATION, HolderPolicy, LockFacts, PodFacts, PodRef, Verdict,
 };
+use super::manual_unlock::{self, FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION, UnlockDecision};
 use crate::{
     admin::Readiness,
     crd::{DeathEvidence, ExpiryMode, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, StateLock, StateLockStatus},
@@ -118,9 +119,11 @@ pub async fn run(client: Client, recorder: Recorder, readiness: Readiness, shutd
     readiness.add_gate("pods", "syncing the pod cache");
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (sources, source_writer) = reflector::store::<LockSource>();
-    // The pod cache the judge reads. (The controller's own pod watch below maps events to
-    // StateLocks; sharing one stream needs kube's unstable stream-control API.)
-    let pod_cache = reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
+    // One pod watch feeds both the cache the judge reads and the reconcile triggers: the
+    // reflector stores each event before passing it on, so a reconcile triggered by a pod event
+    // always sees that event in the cache. (Two separate watches would race: a reconcile could
+    // see the pod still alive in a cache that has not caught up, and nothing would re-trigger.)
+    let pod_events = reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
         .default_backoff()
         .touched_objects();
     let source_stream = reflector::reflector(source_writer, watcher(Api::<LockSource>::all(client.clone()), watcher::Config::default()))
@@ -139,12 +142,11 @@ pub async fn run(client: Client, recorder: Recorder, readiness: Readiness, shutd
         });
     }
     tokio::spawn(source_stream.for_each(|_| async {}));
-    tokio::spawn(pod_cache.for_each(|_| async {}));
-    let locks = Api::<StateLock>::all(client.clone());
+    let locks = Api::<StateLock>::all(client);
     let controller = Controller::new(locks, watcher::Config::default());
     let lock_store = controller.store();
     controller
-        .watches(Api::<Pod>::all(client), watcher::Config::default(), move |pod: Pod| {
+        .watches_stream(pod_events, move |pod: Pod| {
             // A pod event concerns the StateLocks whose holder it may be.
             let facts = pod_facts(&pod);
             let host = facts.effective_hostname().to_owned();
@@ -220,8 +222,9 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
         verdict = holder_liveness::judge(&facts, &pods, &pol, cache, direct);
     }
     // Evidence is held from when it was first seen; a new kind of evidence starts anew.
+    let same_instance = previous.observed_generation == lock.metadata.generation;
     let observed_at = match (&verdict.evidence, previous.holder.as_ref().and_then(|h| h.evidence.as_ref())) {
-        (Some(e), Some(prev)) if prev.reason == e.reason => Some(prev.observed_at.0),
+        (Some(e), Some(prev)) if prev.reason == e.reason && same_instance => Some(prev.observed_at.0),
         (Some(_), _) => Some(now),
         (None, _) => None,
     };
@@ -231,8 +234,70 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
     if newly_dead {
         publish(&ctx, &lock, reasons::HOLDER_DIED, &verdict.message, verdict.pod.as_ref()).await;
     }
-    let mut action = Action::requeue(Duration::from_secs(300));
-    if let (HolderState::Dead, Some(seen)) = (verdict.state, observed_at) {
+    // Pod events drive most reconciles; these are safety nets. An undecided verdict (cache not
+    // synced yet, a direct read that failed or saw the cache behind) is looked at again soon.
+    let mut action = match (verdict.state, verdict.reason) {
+        (_, "CacheNotSynced") => Action::requeue(Duration::from_secs(1)),
+        (HolderState::Unknown, _) => Action::requeue(Duration::from_secs(5)),
+        _ => Action::requeue(Duration::from_secs(300)),
+    };
+    if let Some(requested) = lock.annotations().get(FORCE_UNLOCK_ANNOTATION) {
+        let live = lock.annotations().get(FORCE_UNLOCK_LIVE_ANNOTATION).map(String::as_str);
+        match manual_unlock::decide(requested, lock.spec.lock_info.id.as_deref(), verdict.state, live) {
+            UnlockDecision::Release => match release(&ctx, &source, &lock).await? {
+                ReleaseOutcome::Released => {
+                    phase = LockPhase::Released;
+                    publish(
+                        &ctx,
+                        &lock,
+                        reasons::FORCE_UNLOCKED,
+                        &format!("released lock {requested} on request (holder {:?}: {})", verdict.state, verdict.message),
+                        None,
+                    )
+                    .await;
+                }
+                ReleaseOutcome::AlreadyGone => phase = LockPhase::Released,
+                ReleaseOutcome::HeldByAnother => {
+                    publish(
+                        &ctx,
+                        &lock,
+                        reasons::RELEASE_SKIPPED,
+                        "the lock item changed since it was mirrored; nothing was released",
+                        None,
+                    )
+                    .await
+                }
+            },
+            UnlockDecision::WrongId { requested, actual } => {
+                publish(
+                    &ctx,
+                    &lock,
+                    reasons::UNLOCK_ID_MISMATCH,
+                    &format!(
+                        "force-unlock names lock ID {requested} but this lock's ID is {}; nothing was released",
+                        actual.as_deref().unwrap_or("unknown")
+                    ),
+                    None,
+                )
+                .await;
+            }
+            UnlockDecision::RefusedLiveHolder => {
+                publish(
+                    &ctx,
+                    &lock,
+                    reasons::UNLOCK_REFUSED,
+                    &format!(
+                        "the holder is alive ({}); set {FORCE_UNLOCK_LIVE_ANNOTATION}=\"true\" as well to release it anyway",
+                        verdict.message
+                    ),
+                    verdict.pod.as_ref(),
+                )
+                .await;
+            }
+        }
+        consume_unlock_request(&ctx, &lock).await?;
+    }
+    if let (HolderState::Dead, Some(seen), false) = (verdict.state, observed_at, phase == LockPhase::Released) {
         let due = seen.checked_add(jiff_span(grace)).unwrap_or(seen);
         let releasable = source.spec.expiry.mode == ExpiryMode::Release && lock.spec.info_sha256.is_some();
         if now < due {
@@ -271,6 +336,16 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
     }
     write_status(&ctx, &lock, &previous, &verdict, observed_at, phase, now).await?;
     Ok(action)
+}
+
+/// Remove the force-unlock annotations: a request is handled once.
+async fn consume_unlock_request(ctx: &Context, lock: &StateLock) -> Result<(), ExpiryError> {
+    let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {FORCE_UNLOCK_ANNOTATION: null, FORCE_UNLOCK_LIVE_ANNOTATION: null}}});
+    api.patch(&lock.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
+    Ok(())
 }
 
 fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {

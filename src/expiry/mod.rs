@@ -3,3 +3,4 @@
 
 pub mod controller;
 pub mod holder_liveness;
+pub mod manual_unlock;

@@ -1,0 +1,140 @@
+//! Helpers shared by the benchmarks: moto, tables, and a cluster with statelock in-process.
+#![allow(dead_code)]
+
+use std::{sync::Arc, time::Duration};
+
+use apiserver_emulator::{Config, Emulator};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification, StreamViewType,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::events::{Recorder, Reporter},
+};
+use serde_json::{Value, json};
+use statelock::{
+    admin::Readiness,
+    crd::LockSource,
+    dynamo::{self, StaticCredentials},
+    expiry, mirror,
+};
+use tokio_util::sync::CancellationToken;
+
+pub struct Moto {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/moto_server");
+    let child = std::process::Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server in .venv (bash .ci/install)");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Moto { url: format!("http://127.0.0.1:{port}"), child }
+}
+
+pub async fn db(url: &str) -> aws_sdk_dynamodb::Client {
+    dynamo::dynamodb_client(
+        "us-east-1",
+        Some(url),
+        Some(StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None }),
+    )
+    .await
+}
+
+pub async fn create_table(db: &aws_sdk_dynamodb::Client, name: &str, stream: bool) {
+    db.create_table()
+        .table_name(name)
+        .key_schema(KeySchemaElement::builder().attribute_name("LockID").key_type(KeyType::Hash).build().expect("key"))
+        .attribute_definitions(
+            AttributeDefinition::builder().attribute_name("LockID").attribute_type(ScalarAttributeType::S).build().expect("attr"),
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .set_stream_specification(
+            stream.then(|| {
+                StreamSpecification::builder().stream_enabled(true).stream_view_type(StreamViewType::NewImage).build().expect("spec")
+            }),
+        )
+        .send()
+        .await
+        .expect("create table");
+}
+
+pub fn info(i: usize, who: &str, lock_id: &str, created: &str) -> String {
+    json!({"ID": format!("id-{i}"), "Operation": "OperationTypeApply", "Info": "", "Who": who, "Version": "1.11.4", "Created": created, "Path": lock_id}).to_string()
+}
+
+pub async fn put_lock(db: &aws_sdk_dynamodb::Client, table: &str, i: usize, prefix: &str) {
+    let id = format!("tfstate/{prefix}{i}/terraform.tfstate");
+    db.put_item()
+        .table_name(table)
+        .item("LockID", AttributeValue::S(id.clone()))
+        .item("Info", AttributeValue::S(info(i, "root@runner", &id, "2026-11-26T13:02:20.238325691Z")))
+        .send()
+        .await
+        .expect("put");
+}
+
+/// A cluster with the CRDs, one LockSource (`spec` merged over a Scan source) and statelock's
+/// mirror and expiry controller running in this process.
+pub struct Rig {
+    pub emulator: Emulator,
+    pub client: kube::Client,
+    pub mirror: Arc<mirror::Context>,
+    pub cancel: CancellationToken,
+}
+
+pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
+    let emulator = Emulator::start("127.0.0.1:0".parse().expect("addr"), Config::default()).await.expect("emulator");
+    let mut config = kube::Config::new(emulator.url().parse().expect("url"));
+    config.default_namespace = "default".into();
+    let client = kube::Client::try_from(config).expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in statelock::crd::all() {
+        crds.patch(&crd.name_any(), &PatchParams::apply("bench").force(), &Patch::Apply(&crd)).await.expect("crd");
+    }
+    // Credentials through a Secret: this process has no AWS environment.
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
+        json!({"metadata": {"name": "aws"}, "stringData": {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "fake"}}),
+    )
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+    let mut full = json!({"dynamodb": {"tableName": table, "region": "us-east-1", "endpoint": url, "credentialsSecretRef": {"name": "aws"}}, "sync": {"mode": "Scan", "interval": "1s"}});
+    if let (Some(base), Some(extra)) = (full.as_object_mut(), spec.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    let src: LockSource = serde_json::from_value(json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": "bench", "namespace": "default"}, "spec": full})).expect("src");
+    Api::<LockSource>::namespaced(client.clone(), "default").create(&PostParams::default(), &src).await.expect("LockSource");
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
+    let mirror = Arc::new(mirror::Context::new(client.clone(), recorder.clone()));
+    let cancel = CancellationToken::new();
+    tokio::spawn(mirror::run(mirror.clone(), Readiness::default(), cancel.clone()));
+    tokio::spawn(expiry::controller::run(client.clone(), recorder, Readiness::default(), cancel.clone()));
+    Rig { emulator, client, mirror, cancel }
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
