@@ -28,6 +28,10 @@ struct Env {
 }
 
 async fn env(mode: &str) -> Env {
+    env_with_grace(mode, "0s").await
+}
+
+async fn env_with_grace(mode: &str, grace: &str) -> Env {
     let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
     let db = moto.dynamodb().await;
@@ -45,7 +49,7 @@ async fn env(mode: &str) -> Env {
             "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()},
             "sync": {"mode": "Scan", "interval": "1s"},
             "holders": {"namespaces": [RUNNERS], "hostnamePattern": "atlantis-[0-9]+"},
-            "expiry": {"mode": mode, "gracePeriod": "0s", "staleAfter": "1h", "skewTolerance": "2s"}
+            "expiry": {"mode": mode, "gracePeriod": grace, "staleAfter": "1h", "skewTolerance": "2s"}
         }
     }))
     .expect("LockSource");
@@ -102,6 +106,19 @@ async fn reasons_on_lock(cluster: &TestCluster) -> Vec<String> {
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
         .filter_map(|e| e.reason)
         .collect()
+}
+
+async fn event_note(cluster: &TestCluster, reason: &str) -> String {
+    let name = state_lock_name(LOCK);
+    Api::<Event>::namespaced(cluster.client(), NS)
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()) && e.reason.as_deref() == Some(reason))
+        .and_then(|e| e.note)
+        .unwrap_or_default()
 }
 
 async fn wait_alive(e: &Env) {
@@ -244,10 +261,20 @@ async fn external_holders_and_observe_mode_never_release() {
     o.op.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn terraform_killed_with_sigkill_is_released_once_its_pod_is_gone_and_the_next_run_proceeds() {
-    use std::{io::Write, os::unix::process::CommandExt, process::Stdio};
-    let e = env("Release").await;
+/// How the holder pod of a killed Terraform is shown to be dead.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    PodDeleted,
+    PodFailed,
+    ContainerRestarted,
+    PodReplaced,
+}
+
+async fn terraform_sigkill_then(death: Death) {
+    use std::{os::unix::process::CommandExt, process::Stdio};
+    // Replacing a pod passes through a moment with no pod of that name: a grace period keeps that
+    // brief PodNotFound from deciding, so the release rests on PodReplaced.
+    let e = env_with_grace("Release", if matches!(death, Death::PodReplaced) { "3s" } else { "0s" }).await;
     assert_eq!(http_request("PUT", &format!("{}/tfstate", e.moto.url()), ""), 200, "state bucket");
     runner_pod(&e.cluster, "atlantis-0").await;
     runner_pod(&e.cluster, "atlantis-1").await;
@@ -288,20 +315,76 @@ async fn terraform_killed_with_sigkill_is_released_once_its_pod_is_gone_and_the_
     let pgid = a.id();
     assert!(std::process::Command::new("kill").args(["-9", "--", &format!("-{pgid}")]).status().expect("kill").success());
     let _ = a.wait();
-    let _ = a.stdin.take().map(|mut s| s.write_all(b""));
     // The process is gone but its pod is not: statelock cannot know, and must not release.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(lock_item(&e.db).await.as_deref(), Some(held.as_str()), "a stale lock whose pod lives is kept");
-    // B cannot take it.
     let blocked = tf.command(&dir_b, "atlantis-1", &["apply", "-no-color", "-auto-approve", "-var", "v=b"]).output().expect("apply B");
     assert!(!blocked.status.success(), "B must be blocked while A's lock stands");
-    // A's pod is deleted (evicted): evidence; the lock is released.
-    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
-    wait_released(&e, "PodNotFound").await;
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(held.as_str()), "a stale lock whose pod lives is kept");
+    assert_eq!(holder_state(&e.cluster).await.map(|h| h.0), Some(HolderState::Alive));
+
+    // Time-based evidence needs the lock to be older than the skew tolerance (2 s).
+    let created: serde_json::Value = serde_json::from_str(&held).expect("Info");
+    let created = created["Created"].as_str().and_then(|c| c.parse::<k8s_openapi::jiff::Timestamp>().ok()).expect("Created");
+    let past_skew = || k8s_openapi::jiff::Timestamp::now().duration_since(created).as_secs() >= 3;
+    let pods: Api<Pod> = Api::namespaced(e.cluster.client(), RUNNERS);
+    match death {
+        Death::PodDeleted => pods.delete("atlantis-0", &DeleteParams::default()).await.map(|_| ()).expect("delete pod"),
+        Death::PodFailed => pods
+            .patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Failed"}})))
+            .await
+            .map(|_| ())
+            .expect("fail pod"),
+        Death::ContainerRestarted => {
+            eventually(Duration::from_secs(10), "the lock to be older than the skew tolerance", || async { past_skew().then_some(()) })
+                .await;
+            set_running(&e.cluster, "atlantis-0", &now_rfc3339()).await;
+        }
+        Death::PodReplaced => {
+            // A finalizer keeps the old pod Terminating (not evidence) until the new one exists.
+            pods.patch("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold"]}})))
+                .await
+                .expect("finalizer");
+            pods.delete("atlantis-0", &DeleteParams::default()).await.expect("delete");
+            eventually(Duration::from_secs(10), "the lock to be older than the skew tolerance", || async { past_skew().then_some(()) })
+                .await;
+            pods.patch("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+                .await
+                .expect("let it go");
+            runner_pod(&e.cluster, "atlantis-0").await;
+        }
+    }
+    wait_released(&e, &format!("{death:?}")).await;
+    let expected = match death {
+        Death::PodDeleted => "does not exist",
+        Death::PodFailed => "has phase Failed",
+        Death::ContainerRestarted => "started",
+        Death::PodReplaced => "was created",
+    };
+    let note = event_note(&e.cluster, "LockExpired").await;
+    assert!(note.contains(expected), "{death:?}: the release rests on that evidence: {note}");
     // B proceeds, with locking on.
     let ok = tf.command(&dir_b, "atlantis-1", &["apply", "-no-color", "-auto-approve", "-var", "v=b"]).output().expect("apply B");
-    assert!(ok.status.success(), "B applies once the dead holder's lock is released: {}", String::from_utf8_lossy(&ok.stderr));
+    assert!(ok.status.success(), "B applies once the dead holder's lock is released ({death:?}): {}", String::from_utf8_lossy(&ok.stderr));
     e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_killed_with_sigkill_is_released_when_its_pod_is_deleted() {
+    terraform_sigkill_then(Death::PodDeleted).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_killed_with_sigkill_is_released_when_its_pod_failed() {
+    terraform_sigkill_then(Death::PodFailed).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_killed_with_sigkill_is_released_when_its_container_restarted() {
+    terraform_sigkill_then(Death::ContainerRestarted).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_killed_with_sigkill_is_released_when_its_pod_was_replaced() {
+    terraform_sigkill_then(Death::PodReplaced).await;
 }
 
 async fn annotate(cluster: &TestCluster, annotations: serde_json::Value) {

@@ -530,6 +530,27 @@ mod tests {
             prop_assert_ne!(v.state, HolderState::Dead, "{:?}", v);
         }
 
+        /// The same over sequences of pod events: the judge is stateless, so every snapshot of a
+        /// history in which the holder stays alive must be judged not dead.
+        #[test]
+        fn no_sequence_of_pod_events_makes_a_live_holder_dead(history in proptest::collection::vec(proptest::collection::vec(arb_pod(), 0..4), 1..12)) {
+            let holder = PodFacts {
+                namespace: "atlantis".into(),
+                name: "atlantis-0".into(),
+                uid: "uid-holder".into(),
+                created: T0 - 60 * S,
+                phase: Some("Running".into()),
+                containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 - 50 * S) }],
+                ..PodFacts::default()
+            };
+            for snapshot in history {
+                let mut pods: Vec<PodFacts> = snapshot.into_iter().filter(|p| !(p.namespace == "atlantis" && p.name == "atlantis-0")).collect();
+                pods.push(holder.clone());
+                let v = judge(&lock("atlantis-0"), &pods, &policy(), Cache::Synced, DirectRead::NotFound);
+                prop_assert_ne!(v.state, HolderState::Dead, "{:?}", v);
+            }
+        }
+
         /// Dead always comes with evidence, and evidence only with Dead.
         #[test]
         fn evidence_exactly_when_dead(pods in proptest::collection::vec(arb_pod(), 0..5), host in prop_oneof![Just("atlantis-0"), Just("atlantis-1"), Just("laptop")]) {
