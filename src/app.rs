@@ -7,13 +7,15 @@ use kube::{
     Client,
     runtime::events::{Recorder, Reporter},
 };
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
     admin::{self, Readiness},
+    cli::GatewayBackend,
     cli::{CrdsArgs, RunArgs},
-    crd, expiry, mirror,
+    crd, expiry, gateway, mirror,
 };
 
 /// Why `statelock crds` failed.
@@ -57,6 +59,8 @@ pub enum RunError {
         .0.join(", ")
     )]
     CrdsMissing(Vec<String>),
+    #[error("failed to bind the gateway to {addr}: {source}")]
+    BindGateway { addr: SocketAddr, source: io::Error },
     #[error("failed to bind the admin server to {addr}: {source}")]
     BindAdmin { addr: SocketAddr, source: io::Error },
     #[error("the admin server failed: {0}")]
@@ -85,11 +89,23 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
     let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone()));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
-    let expiry = tokio::spawn(expiry::controller::run(client.clone(), recorder, readiness.clone(), shutdown.clone()));
+    let expiry = tokio::spawn(expiry::controller::run(client.clone(), recorder.clone(), readiness.clone(), shutdown.clone()));
+    let gateway = match args.gateway_addr {
+        Some(addr) => Some(start_gateway(&client, recorder, addr, args.gateway_backend, &readiness, &shutdown).await?),
+        None => None,
+    };
 
     wait_for_termination().await.map_err(RunError::Signals)?;
     info!("termination signal received; shutting down");
     shutdown.cancel();
+    if let Some(g) = gateway {
+        // axum's graceful shutdown: stop accepting, finish the requests in flight.
+        match tokio::time::timeout(args.shutdown_timeout, g).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the gateway failed"),
+            Err(_) => tracing::warn!("the gateway did not finish its requests in time"),
+            _ => {}
+        }
+    }
     if tokio::time::timeout(args.shutdown_timeout, async { (mirror.await, expiry.await) }).await.is_err() {
         tracing::warn!(timeout = ?args.shutdown_timeout, "the mirror or the expiry controller did not stop in time");
     }
@@ -100,6 +116,48 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Start the gateway: its own pod and LockSource caches, then the server.
+async fn start_gateway(
+    client: &Client,
+    recorder: Recorder,
+    addr: SocketAddr,
+    backend: GatewayBackend,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<io::Result<()>>, RunError> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (pods, pod_writer) = reflector::store();
+    let (sources, source_writer) = reflector::store();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(kube::Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff();
+    let source_stream =
+        reflector::reflector(source_writer, watcher(kube::Api::<crd::LockSource>::all(client.clone()), watcher::Config::default()))
+            .default_backoff();
+    tokio::spawn(pod_stream.for_each(|_| async {}));
+    tokio::spawn(source_stream.for_each(|_| async {}));
+    readiness.add_gate("gateway", "syncing the gateway's pod and LockSource caches");
+    let listener = TcpListener::bind(addr).await.map_err(|source| RunError::BindGateway { addr, source })?;
+    info!(%addr, ?backend, "gateway listening");
+    let backend = match backend {
+        GatewayBackend::Dynamodb => gateway::server::Backend::Forward,
+        GatewayBackend::Memory => gateway::server::Backend::Memory(Arc::new(gateway::memory::MemoryTables::default())),
+    };
+    let gw = Arc::new(gateway::server::Gateway::new(client.clone(), recorder, pods.clone(), sources.clone(), backend));
+    {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            if pods.wait_until_ready().await.is_ok() && sources.wait_until_ready().await.is_ok() {
+                readiness.open("gateway");
+            }
+        });
+    }
+    Ok(tokio::spawn(gateway::server::serve(gw, listener, shutdown.clone())))
 }
 
 /// Check through discovery (which every authenticated client may read, so no extra RBAC) that

@@ -45,6 +45,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the gateway sends calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GatewayBackend {
+    /// Forward to the LockSource's DynamoDB table with the operator's credentials.
+    Dynamodb,
+    /// In-memory tables with DynamoDB's conditional semantics (sandbox and tests).
+    Memory,
+}
+
 #[derive(Debug, Args)]
 pub struct CrdsArgs {
     /// Write each CRD to `<dir>/<plural>.<group>.yaml` instead of printing them all.
@@ -57,6 +66,14 @@ pub struct RunArgs {
     /// Address of the admin server (`/livez`, `/readyz`).
     #[arg(long, env = "STATELOCK_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,
+
+    /// Serve the DynamoDB-compatible lock gateway on this address (off when unset).
+    #[arg(long, env = "STATELOCK_GATEWAY_ADDR")]
+    pub gateway_addr: Option<SocketAddr>,
+
+    /// Where the gateway sends calls: the LockSource's DynamoDB table, or in-memory tables.
+    #[arg(long, env = "STATELOCK_GATEWAY_BACKEND", value_enum, default_value_t = GatewayBackend::Dynamodb)]
+    pub gateway_backend: GatewayBackend,
 
     /// This replica's name, used as the events' reporting instance (the chart sets the pod name).
     #[arg(long, env = "STATELOCK_POD_NAME", default_value = "statelock")]

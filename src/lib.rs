@@ -19,6 +19,7 @@ pub mod cli;
 pub mod crd;
 pub mod dynamo;
 pub mod expiry;
+pub mod gateway;
 pub mod mirror;
 pub mod reasons;
 pub mod telemetry;

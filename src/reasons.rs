@@ -26,6 +26,12 @@ pub const UNLOCK_REFUSED: &str = "UnlockRefused";
 /// A force-unlock request named another lock ID: nothing released. Warning.
 pub const UNLOCK_ID_MISMATCH: &str = "UnlockIdMismatch";
 
+/// A client tried to take a lock that another holds (seen by the gateway); one series per waiter
+/// and lock, on the StateLock and the waiting pod. Warning.
+pub const LOCK_CONTENDED: &str = "LockContended";
+/// The gateway refused a caller that may not use the table. Warning, on the LockSource and the pod.
+pub const GATEWAY_ACCESS_DENIED: &str = "GatewayAccessDenied";
+
 /// Condition: whether the lock item parsed as a Terraform lock.
 pub const CONDITION_INFO_VALID: &str = "InfoValid";
 /// Condition: whether the lock is older than the source's `staleAfter`.
@@ -38,6 +44,12 @@ pub const SOURCE_LABEL: &str = "statelock.dev/source";
 
 /// Field manager of the expiry controller (owns `status.holder` and `status.phase`).
 pub const CONTROLLER_MANAGER: &str = "statelock-controller";
+
+/// Field manager of the gateway's holder record (`status.gatewayHolder`).
+pub const GATEWAY_MANAGER: &str = "statelock-gateway";
+/// Field manager of the gateway's waiter list (`status.contention`). A separate manager, since a
+/// server-side apply removes the fields its manager applied before and omits now.
+pub const GATEWAY_WAITERS_MANAGER: &str = "statelock-gateway-waiters";
 
 /// Field manager of the mirror (owns StateLock spec and the mirror's conditions).
 pub const MIRROR_MANAGER: &str = "statelock-mirror";

@@ -156,6 +156,11 @@ pub struct StateLockStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<HolderStatus>,
 
+    /// The pod the gateway saw take this lock: the strongest evidence of who holds it. Written
+    /// only by the gateway; the controller reads it to resolve the holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_holder: Option<GatewayHolder>,
+
     /// The clients currently waiting for this lock, as seen by the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contention: Option<ContentionStatus>,
@@ -250,6 +255,26 @@ pub struct HolderStatus {
     /// When `state` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
+}
+
+/// The pod the gateway saw take a lock.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayHolder {
+    /// Namespace of the pod.
+    pub namespace: String,
+
+    /// Name of the pod.
+    pub pod: String,
+
+    /// UID of the pod: a pod of the same name with another UID is a different pod.
+    pub uid: String,
+
+    /// The lock ID the pod took (the holder record applies to this lock instance only).
+    pub lock_id: String,
+
+    /// When the gateway granted the lock.
+    pub seen_at: Time,
 }
 
 /// Evidence that a holder is dead.

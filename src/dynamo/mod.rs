@@ -5,6 +5,7 @@ pub mod capacity;
 pub mod lock_item;
 pub mod release;
 mod sdk;
+pub mod source_credentials;
 pub mod streams;
 mod table;
 

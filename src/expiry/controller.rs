@@ -39,7 +39,7 @@ use crate::{
     admin::Readiness,
     crd::{DeathEvidence, ExpiryMode, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, StateLock, StateLockStatus},
     dynamo::{
-        self, StaticCredentials,
+        self,
         lock_item::{parse_created, split_who},
         release::{ReleaseOutcome, release_exact},
     },
@@ -62,8 +62,8 @@ pub enum ExpiryError {
     WriteStatus { name: String, error: kube::Error },
     #[error(transparent)]
     Dynamo(#[from] dynamo::DynamoError),
-    #[error("failed to read credentials Secret {0}: {1}")]
-    Credentials(String, String),
+    #[error("{0}")]
+    Credentials(String),
 }
 
 impl ExpiryError {
@@ -71,7 +71,7 @@ impl ExpiryError {
         match self {
             Self::WriteStatus { .. } => "kubernetes_api",
             Self::Dynamo(e) => e.category(),
-            Self::Credentials(..) => "credentials",
+            Self::Credentials(_) => "credentials",
         }
     }
 }
@@ -207,11 +207,12 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
     let facts = LockFacts {
         created: lock.spec.lock_info.created.as_deref().and_then(parse_created),
         hostname: hostname_of(&lock),
+        // The gateway's record counts for the lock instance it saw granted, not a later one.
         gateway_pod: previous
-            .holder
+            .gateway_holder
             .as_ref()
-            .filter(|h| h.identified_by == Some(HolderIdentification::Gateway))
-            .and_then(|h| Some(PodRef { namespace: h.namespace.clone()?, name: h.pod.clone()?, uid: h.uid.clone() })),
+            .filter(|g| lock.spec.lock_info.id.as_deref() == Some(g.lock_id.as_str()))
+            .map(|g| PodRef { namespace: g.namespace.clone(), name: g.pod.clone(), uid: Some(g.uid.clone()) }),
     };
     let pods: Vec<PodFacts> = ctx.pods.state().iter().map(|p| pod_facts(p)).collect();
     let cache = if ctx.pods_synced.load(Ordering::SeqCst) { Cache::Synced } else { Cache::NotSynced };
@@ -355,25 +356,7 @@ fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
 async fn release(ctx: &Context, source: &LockSource, lock: &StateLock) -> Result<ReleaseOutcome, ExpiryError> {
     let Some(sha) = lock.spec.info_sha256.as_deref() else { return Ok(ReleaseOutcome::HeldByAnother) };
     let d = &source.spec.dynamodb;
-    let creds = match &d.credentials_secret_ref {
-        None => None,
-        Some(r) => {
-            let ns = source.namespace().unwrap_or_default();
-            let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &ns)
-                .get(&r.name)
-                .await
-                .map_err(|e| ExpiryError::Credentials(format!("{ns}/{}", r.name), e.to_string()))?;
-            let data = secret.data.unwrap_or_default();
-            let get = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).trim().to_owned());
-            Some(StaticCredentials {
-                access_key_id: get(&r.access_key_id_key)
-                    .ok_or_else(|| ExpiryError::Credentials(r.name.clone(), format!("key {} is missing", r.access_key_id_key)))?,
-                secret_access_key: get(&r.secret_access_key_key)
-                    .ok_or_else(|| ExpiryError::Credentials(r.name.clone(), format!("key {} is missing", r.secret_access_key_key)))?,
-                session_token: get(&r.session_token_key),
-            })
-        }
-    };
+    let creds = dynamo::source_credentials::for_source(&ctx.client, source).await.map_err(ExpiryError::Credentials)?;
     let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
     Ok(release_exact(&client, &d.table_name, &lock.spec.lock_id, sha).await?.0)
 }

@@ -22,7 +22,6 @@ use std::{
 
 use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
-    api::core::v1::Secret,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -83,8 +82,8 @@ impl Context {
 /// Why one sync pass failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("failed to read credentials Secret {namespace}/{name}: {reason}")]
-    ReadCredentials { namespace: String, name: String, reason: String },
+    #[error("{reason}")]
+    ReadCredentials { reason: String },
     #[error(transparent)]
     Dynamo(#[from] dynamo::DynamoError),
     #[error("sync mode Streams needs a DynamoDB Stream on table {table}, and it has none")]
@@ -254,17 +253,7 @@ struct PassSummary {
 }
 
 async fn credentials(ctx: &Context, source: &LockSource) -> Result<Option<StaticCredentials>, SyncError> {
-    let Some(r) = &source.spec.dynamodb.credentials_secret_ref else { return Ok(None) };
-    let ns = source.namespace().unwrap_or_default();
-    let err = |reason: String| SyncError::ReadCredentials { namespace: ns.clone(), name: r.name.clone(), reason };
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get(&r.name).await.map_err(|e| err(e.to_string()))?;
-    let data = secret.data.unwrap_or_default();
-    let get = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).trim().to_owned());
-    Ok(Some(StaticCredentials {
-        access_key_id: get(&r.access_key_id_key).ok_or_else(|| err(format!("key {} is missing", r.access_key_id_key)))?,
-        secret_access_key: get(&r.secret_access_key_key).ok_or_else(|| err(format!("key {} is missing", r.secret_access_key_key)))?,
-        session_token: get(&r.session_token_key),
-    }))
+    dynamo::source_credentials::for_source(&ctx.client, source).await.map_err(|reason| SyncError::ReadCredentials { reason })
 }
 
 async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<PassSummary, SyncError> {

@@ -232,6 +232,13 @@ impl Operator {
         Self::start_with(cluster, statelock_command())
     }
 
+    /// Start with the gateway on `gateway_port`.
+    pub fn start_with_gateway(cluster: &TestCluster, gateway_port: u16) -> Self {
+        let mut cmd = statelock_command();
+        cmd.env("STATELOCK_GATEWAY_ADDR", format!("127.0.0.1:{gateway_port}"));
+        Self::start_with(cluster, cmd)
+    }
+
     /// Start with a prepared command (e.g. another AWS environment).
     pub fn start_with(cluster: &TestCluster, mut cmd: tokio::process::Command) -> Self {
         let admin_port = free_port();
@@ -326,13 +333,18 @@ impl Terraform {
 
     /// The backend block pointing S3 and DynamoDB at `endpoint` (the settings each version honours).
     pub fn backend(&self, endpoint: &str, key: &str, table: &str) -> String {
+        self.backend_with(endpoint, endpoint, key, table)
+    }
+
+    /// The backend block with S3 at `s3` and DynamoDB at `dynamodb` (e.g. the statelock gateway).
+    pub fn backend_with(&self, s3: &str, dynamodb: &str, key: &str, table: &str) -> String {
         if self.is_legacy() {
             format!(
-                "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoint = \"{endpoint}\"\n    dynamodb_endpoint = \"{endpoint}\"\n    force_path_style = true\n    skip_credentials_validation = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
+                "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoint = \"{s3}\"\n    dynamodb_endpoint = \"{dynamodb}\"\n    force_path_style = true\n    skip_credentials_validation = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
             )
         } else {
             format!(
-                "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoints = {{\n      s3 = \"{endpoint}\"\n      dynamodb = \"{endpoint}\"\n    }}\n    use_path_style = true\n    skip_credentials_validation = true\n    skip_requesting_account_id = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
+                "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoints = {{\n      s3 = \"{s3}\"\n      dynamodb = \"{dynamodb}\"\n    }}\n    use_path_style = true\n    skip_credentials_validation = true\n    skip_requesting_account_id = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
             )
         }
     }

@@ -1,0 +1,111 @@
+//! DynamoDB JSON attribute values <-> the SDK's AttributeValue (for forwarding).
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::{primitives::Blob, types::AttributeValue};
+use serde_json::{Map, Value, json};
+
+use super::protocol::Item;
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+fn b64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            out.push(if i <= c.len() { T[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+/// JSON form (already validated by the protocol parser) to the SDK type.
+pub fn to_sdk(v: &Value) -> AttributeValue {
+    let Some((ty, inner)) = v.as_object().and_then(|o| o.iter().next()) else { return AttributeValue::Null(true) };
+    let strings =
+        |x: &Value| x.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect::<Vec<_>>()).unwrap_or_default();
+    match ty.as_str() {
+        "S" => AttributeValue::S(inner.as_str().unwrap_or_default().to_owned()),
+        "N" => AttributeValue::N(inner.as_str().unwrap_or_default().to_owned()),
+        "B" => AttributeValue::B(Blob::new(b64_decode(inner.as_str().unwrap_or_default()))),
+        "BOOL" => AttributeValue::Bool(inner.as_bool().unwrap_or(false)),
+        "NULL" => AttributeValue::Null(inner.as_bool().unwrap_or(true)),
+        "SS" => AttributeValue::Ss(strings(inner)),
+        "NS" => AttributeValue::Ns(strings(inner)),
+        "BS" => AttributeValue::Bs(strings(inner).iter().map(|s| Blob::new(b64_decode(s))).collect()),
+        "L" => AttributeValue::L(inner.as_array().map(|a| a.iter().map(to_sdk).collect()).unwrap_or_default()),
+        "M" => AttributeValue::M(inner.as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), to_sdk(v))).collect()).unwrap_or_default()),
+        _ => AttributeValue::Null(true),
+    }
+}
+
+/// The SDK type back to JSON form.
+pub fn from_sdk(v: &AttributeValue) -> Value {
+    match v {
+        AttributeValue::S(s) => json!({"S": s}),
+        AttributeValue::N(n) => json!({"N": n}),
+        AttributeValue::B(b) => json!({"B": b64_encode(b.as_ref())}),
+        AttributeValue::Bool(b) => json!({"BOOL": b}),
+        AttributeValue::Null(n) => json!({"NULL": n}),
+        AttributeValue::Ss(s) => json!({"SS": s}),
+        AttributeValue::Ns(n) => json!({"NS": n}),
+        AttributeValue::Bs(b) => json!({"BS": b.iter().map(|x| b64_encode(x.as_ref())).collect::<Vec<_>>()}),
+        AttributeValue::L(l) => json!({"L": l.iter().map(from_sdk).collect::<Vec<_>>()}),
+        AttributeValue::M(m) => json!({"M": m.iter().map(|(k, v)| (k.clone(), from_sdk(v))).collect::<Map<_, _>>()}),
+        _ => json!({"NULL": true}),
+    }
+}
+
+pub fn item_to_sdk(item: &Item) -> HashMap<String, AttributeValue> {
+    item.iter().map(|(k, v)| (k.clone(), to_sdk(v))).collect()
+}
+
+pub fn item_from_sdk(item: &HashMap<String, AttributeValue>) -> Item {
+    item.iter().map(|(k, v)| (k.clone(), from_sdk(v))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_round_trips() {
+        for v in [
+            json!({"S": "x"}),
+            json!({"N": "12.5"}),
+            json!({"B": "aGVsbG8="}),
+            json!({"BOOL": true}),
+            json!({"NULL": true}),
+            json!({"SS": ["a", "b"]}),
+            json!({"NS": ["1", "2"]}),
+            json!({"BS": ["aGk="]}),
+            json!({"L": [{"S": "a"}, {"N": "1"}]}),
+            json!({"M": {"k": {"S": "v"}}}),
+        ] {
+            assert_eq!(from_sdk(&to_sdk(&v)), v);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The DynamoDB-compatible gateway with real Terraform in front of moto: locks are recorded with
+//! their exact holder at once, contention becomes events and waiters, access is checked.
+
+mod common;
+
+use std::{io::Write, process::Stdio, time::Duration};
+
+use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, free_port, http_request};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    events::v1::Event,
+};
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use statelock::crd::{HolderIdentification, LockSource, StateLock, state_lock_name};
+
+const NS: &str = "terraform";
+const TABLE: &str = "tf-locks";
+const KEY: &str = "gw/terraform.tfstate";
+
+struct Env {
+    moto: DynamoServer,
+    cluster: TestCluster,
+    op: Operator,
+    gateway: String,
+}
+
+/// `allow_loopback` admits callers from 127.0.0.1 by source range; `runner_pod` makes a pod own
+/// the loopback address, so that the gateway identifies callers as that pod.
+async fn env(allow_loopback: bool, runner_pod: bool) -> Env {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    assert_eq!(http_request("PUT", &format!("{}/tfstate", moto.url()), ""), 200, "state bucket");
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    let client = cluster.client();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("namespace");
+    let ranges: Vec<&str> = if allow_loopback { vec!["127.0.0.1/32"] } else { vec![] };
+    let src: LockSource = serde_json::from_value(json!({
+        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
+        "metadata": {"name": "tf-locks", "namespace": NS},
+        "spec": {"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": "1s"}, "gateway": {"allowedSourceRanges": ranges}}
+    }))
+    .expect("LockSource");
+    Api::<LockSource>::namespaced(client.clone(), NS).create(&PostParams::default(), &src).await.expect("LockSource");
+    if runner_pod {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+        let pod: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "atlantis-0"}, "spec": {"containers": [{"name": "atlantis", "image": "atlantis"}]}}),
+        )
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod).await.expect("pod");
+        pods.patch_status(
+            "atlantis-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "127.0.0.1"}})),
+        )
+        .await
+        .expect("status");
+    }
+    let port = free_port();
+    let op = Operator::start_with_gateway(&cluster, port);
+    let gateway = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(30), "the gateway to listen", || {
+        let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    Env { moto, cluster, op, gateway }
+}
+
+fn workdir(e: &Env, tf: &Terraform, name: &str) -> std::path::PathBuf {
+    let dir = e.cluster.dir.path().join(name);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let backend = tf.backend_with(&e.moto.url(), &e.gateway, KEY, TABLE);
+    std::fs::write(
+        dir.join("main.tf"),
+        format!("{backend}\nvariable \"v\" {{\n  default = \"a\"\n}}\noutput \"v\" {{\n  value = var.v\n}}\n"),
+    )
+    .expect("main.tf");
+    let init = tf.command(&dir, "atlantis-0", &["init", "-input=false", "-no-color"]).output().expect("init");
+    assert!(init.status.success(), "init through the gateway ({}): {}", tf.version, String::from_utf8_lossy(&init.stderr));
+    dir
+}
+
+async fn lock_object(cluster: &TestCluster) -> Option<StateLock> {
+    Api::<StateLock>::namespaced(cluster.client(), NS).get_opt(&state_lock_name(&format!("tfstate/{KEY}"))).await.expect("get")
+}
+
+async fn events(cluster: &TestCluster, reason: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(cluster.client(), NS)
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect()
+}
+
+async fn lock_and_unlock_through_the_gateway(tf: Terraform) {
+    let e = env(true, true).await;
+    let dir = workdir(&e, &tf, "a");
+    let mut apply = tf
+        .command(&dir, "atlantis-0", &["apply", "-no-color", "-var", "v=b"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("apply");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let lock = loop {
+        if let Some(l) = lock_object(&e.cluster).await.filter(|l| {
+            l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| h.identified_by == Some(HolderIdentification::Gateway))
+        }) {
+            break l;
+        }
+        if std::time::Instant::now() > deadline || matches!(apply.try_wait(), Ok(Some(_))) {
+            let _ = apply.kill();
+            let out = apply.wait_with_output().expect("output");
+            let lock = lock_object(&e.cluster).await;
+            panic!(
+                "no StateLock with the gateway's holder ({}): {lock:?}\n{}\n{}",
+                tf.version,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let status = lock.status.expect("status");
+    let seen = status.gateway_holder.expect("the gateway's record");
+    assert_eq!((seen.namespace.as_str(), seen.pod.as_str()), (NS, "atlantis-0"), "the exact pod, from the caller's address");
+    let holder = status.holder.expect("holder");
+    assert_eq!(
+        (holder.namespace.as_deref(), holder.pod.as_deref(), holder.uid.as_deref()),
+        (Some(NS), Some("atlantis-0"), Some(seen.uid.as_str()))
+    );
+    apply.stdin.take().expect("stdin").write_all(b"no\n").expect("answer");
+    let out = apply.wait_with_output().expect("apply ends");
+    assert!(out.status.code() == Some(1), "apply cancelled");
+    eventually(Duration::from_secs(10), "the StateLock removed at once", || async {
+        lock_object(&e.cluster).await.is_none().then_some(())
+    })
+    .await;
+    assert!(!events(&e.cluster, "LockAcquired").await.is_empty());
+    assert!(!events(&e.cluster, "LockReleased").await.is_empty());
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_11_plus_locks_and_unlocks_through_endpoints_dynamodb() {
+    lock_and_unlock_through_the_gateway(Terraform::modern()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_0_locks_and_unlocks_through_dynamodb_endpoint() {
+    lock_and_unlock_through_the_gateway(Terraform::v1_0()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contention_becomes_a_counted_event_series_and_a_waiter_in_status() {
+    let e = env(true, true).await;
+    let tf = Terraform::modern();
+    let a = workdir(&e, &tf, "a");
+    let b = workdir(&e, &tf, "b");
+    let mut holder = tf
+        .command(&a, "atlantis-0", &["apply", "-no-color", "-var", "v=b"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("apply A");
+    eventually(Duration::from_secs(30), "A's lock", || async { lock_object(&e.cluster).await }).await;
+    // B retries for 4 s (attempts at about 0, 1 and 3 s), then gives up.
+    let waiter = tf.command(&b, "atlantis-1", &["plan", "-no-color", "-lock-timeout=4s"]).output().expect("plan B");
+    assert!(!waiter.status.success(), "B cannot take a held lock");
+    let text = String::from_utf8_lossy(&waiter.stderr);
+    assert!(text.contains("ConditionalCheckFailedException"), "Terraform parsed DynamoDB's error from the gateway: {text}");
+    let lock = eventually(Duration::from_secs(10), "the waiter in status", || async {
+        lock_object(&e.cluster).await.filter(|l| {
+            l.status.as_ref().and_then(|s| s.contention.as_ref()).is_some_and(|c| c.waiters.first().is_some_and(|w| w.attempts >= 2))
+        })
+    })
+    .await;
+    let contention = lock.status.and_then(|s| s.contention).expect("contention");
+    assert_eq!(contention.waiter_count, 1);
+    assert_eq!(contention.waiters[0].who.as_deref(), Some("root@atlantis-1"));
+    let contended = eventually(Duration::from_secs(10), "LockContended", || async {
+        let ev = events(&e.cluster, "LockContended").await;
+        ev.into_iter().find(|x| x.series.as_ref().is_some_and(|s| s.count >= 2))
+    })
+    .await;
+    let note = contended.note.unwrap_or_default();
+    assert!(note.contains("root@atlantis-1") && note.contains("root@atlantis-0"), "the event names both sides: {note}");
+    holder.stdin.take().expect("stdin").write_all(b"no\n").expect("answer");
+    let _ = holder.wait();
+    let ok = tf.command(&b, "atlantis-1", &["plan", "-no-color", "-lock-timeout=20s"]).output().expect("plan B again");
+    assert!(ok.status.success(), "B proceeds once A is done: {}", String::from_utf8_lossy(&ok.stderr));
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_that_may_not_use_the_table_get_access_denied() {
+    let e = env(false, false).await;
+    let tf = Terraform::modern();
+    let dir = e.cluster.dir.path().join("denied");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("main.tf"), tf.backend_with(&e.moto.url(), &e.gateway, KEY, TABLE)).expect("main.tf");
+    let init = tf.command(&dir, "laptop", &["init", "-input=false", "-no-color"]).output().expect("init");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let plan = tf.command(&dir, "laptop", &["plan", "-no-color"]).output().expect("plan");
+    assert!(!plan.status.success());
+    assert!(String::from_utf8_lossy(&plan.stderr).contains("AccessDeniedException"), "{}", String::from_utf8_lossy(&plan.stderr));
+    eventually(Duration::from_secs(10), "a GatewayAccessDenied event", || async {
+        (!events(&e.cluster, "GatewayAccessDenied").await.is_empty()).then_some(())
+    })
+    .await;
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_and_oversized_requests_get_dynamodb_errors() {
+    let e = env(true, false).await;
+    let post = |target: &str, body: &[u8]| -> (u16, String, String) {
+        use std::io::Read;
+        let addr = e.gateway.trim_start_matches("http://").to_owned();
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(s, "POST / HTTP/1.1\r\nHost: {addr}\r\nX-Amz-Target: {target}\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).expect("head");
+        let _ = s.write_all(body);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (code, head.to_lowercase(), body.to_owned())
+    };
+    let (code, head, body) = post("DynamoDB_20120810.PutItem", b"{not json");
+    assert_eq!(code, 400);
+    assert!(head.contains("x-amzn-errortype: serializationexception"), "{head}");
+    assert!(body.contains("SerializationException"), "{body}");
+    let (code, _, body) = post("DynamoDB_20120810.Scan", br#"{"TableName":"tf-locks"}"#);
+    assert_eq!(code, 400);
+    assert!(body.contains("UnknownOperationException"), "{body}");
+    let (code, _, body) = post("DynamoDB_20120810.GetItem", br#"{"TableName":"other","Key":{"LockID":{"S":"x"}}}"#);
+    assert_eq!(code, 400);
+    assert!(body.contains("ResourceNotFoundException"), "{body}");
+    let (code, _, _) = post("DynamoDB_20120810.PutItem", &vec![b'x'; 200 * 1024]);
+    assert_eq!(code, 413);
+    e.op.stop().await;
+}
