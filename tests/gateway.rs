@@ -31,6 +31,10 @@ struct Env {
 /// `allow_loopback` admits callers from 127.0.0.1 by source range; `runner_pod` makes a pod own
 /// the loopback address, so that the gateway identifies callers as that pod.
 async fn env(allow_loopback: bool, runner_pod: bool) -> Env {
+    env_backend(allow_loopback, runner_pod, "dynamodb").await
+}
+
+async fn env_backend(allow_loopback: bool, runner_pod: bool, backend: &str) -> Env {
     let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
     assert_eq!(http_request("PUT", &format!("{}/tfstate", moto.url()), ""), 200, "state bucket");
@@ -63,7 +67,9 @@ async fn env(allow_loopback: bool, runner_pod: bool) -> Env {
         .expect("status");
     }
     let port = free_port();
-    let op = Operator::start_with_gateway(&cluster, port);
+    let mut cmd = common::statelock_command();
+    cmd.env("STATELOCK_GATEWAY_ADDR", format!("127.0.0.1:{port}")).env("STATELOCK_GATEWAY_BACKEND", backend);
+    let op = Operator::start_with(&cluster, cmd);
     let gateway = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(30), "the gateway to listen", || {
         let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
@@ -250,5 +256,59 @@ async fn malformed_and_oversized_requests_get_dynamodb_errors() {
     assert!(body.contains("ResourceNotFoundException"), "{body}");
     let (code, _, _) = post("DynamoDB_20120810.PutItem", &vec![b'x'; 200 * 1024]);
     assert_eq!(code, 413);
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixty_four_concurrent_clients_never_hold_one_lock_together() {
+    use std::{
+        io::Read,
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+    let e = env_backend(true, false, "memory").await;
+    let addr = e.gateway.trim_start_matches("http://").to_owned();
+    let history: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let threads: Vec<_> = (0..64)
+        .map(|w| {
+            let (addr, history) = (addr.clone(), history.clone());
+            std::thread::spawn(move || {
+                let call = |target: &str, body: &str| -> u16 {
+                    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+                    write!(s, "POST / HTTP/1.1\r\nHost: gw\r\nX-Amz-Target: DynamoDB_20120810.{target}\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("write");
+                    let mut out = String::new();
+                    let _ = s.read_to_string(&mut out);
+                    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+                };
+                let mut grants = 0;
+                for attempt in 0..8 {
+                    let info = json!({"ID": format!("{w}-{attempt}"), "Operation": "OperationTypeApply", "Info": "", "Who": format!("root@client-{w}"), "Version": "1.11.4", "Created": "2026-11-26T13:00:00Z", "Path": "tfstate/shared/terraform.tfstate"}).to_string();
+                    let put = json!({"ConditionExpression": "attribute_not_exists(LockID)", "Item": {"LockID": {"S": "tfstate/shared/terraform.tfstate"}, "Info": {"S": info}}, "TableName": TABLE}).to_string();
+                    match call("PutItem", &put) {
+                        200 => {
+                            let start = Instant::now();
+                            std::thread::sleep(Duration::from_millis(2));
+                            let end = Instant::now();
+                            history.lock().expect("history").push((start, end));
+                            let del = json!({"Key": {"LockID": {"S": "tfstate/shared/terraform.tfstate"}}, "TableName": TABLE, "ConditionExpression": "Info = :i", "ExpressionAttributeValues": {":i": {"S": info}}}).to_string();
+                            assert_eq!(call("DeleteItem", &del), 200, "a holder can always release its own lock");
+                            grants += 1;
+                        }
+                        400 => {}
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                grants
+            })
+        })
+        .collect();
+    let grants: usize = threads.into_iter().map(|t| t.join().expect("client")).sum();
+    let mut h = history.lock().expect("history").clone();
+    assert_eq!(h.len(), grants);
+    assert!(grants > 0);
+    h.sort();
+    for pair in h.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "two holders at once: {:?} overlaps {:?}", pair[0], pair[1]);
+    }
     e.op.stop().await;
 }
