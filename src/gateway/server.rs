@@ -223,10 +223,16 @@ fn memory_call(m: &MemoryTables, req: &Request) -> Result<(Value, Option<Item>),
     }
 }
 
-fn condition_parts(c: &Condition) -> (String, HashMap<String, String>, Option<(String, aws_sdk_dynamodb::types::AttributeValue)>) {
+type SdkValues = HashMap<String, aws_sdk_dynamodb::types::AttributeValue>;
+
+/// A condition as the SDK's optional expression, names and values (all `None` without one).
+fn condition_sdk(c: Option<&Condition>) -> (Option<String>, Option<HashMap<String, String>>, Option<SdkValues>) {
     match c {
-        Condition::NotExists(a) => ("attribute_not_exists(#a)".into(), [("#a".to_owned(), a.clone())].into(), None),
-        Condition::Equals(a, v) => ("#a = :v".into(), [("#a".to_owned(), a.clone())].into(), Some((":v".into(), convert::to_sdk(v)))),
+        None => (None, None, None),
+        Some(Condition::NotExists(a)) => (Some("attribute_not_exists(#a)".into()), Some([("#a".to_owned(), a.clone())].into()), None),
+        Some(Condition::Equals(a, v)) => {
+            (Some("#a = :v".into()), Some([("#a".to_owned(), a.clone())].into()), Some([(":v".to_owned(), convert::to_sdk(v))].into()))
+        }
     }
 }
 
@@ -271,15 +277,16 @@ async fn forward(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(Va
     let table = source.spec.dynamodb.table_name.as_str();
     match req {
         Request::PutItem { item, condition, .. } => {
-            let mut call = db.put_item().table_name(table).set_item(Some(convert::item_to_sdk(item)));
-            if let Some(c) = condition {
-                let (expr, names, value) = condition_parts(c);
-                call = call.condition_expression(expr).set_expression_attribute_names(Some(names));
-                if let Some((k, v)) = value {
-                    call = call.expression_attribute_values(k, v);
-                }
-            }
-            call.send().await.map_err(sdk_error)?;
+            let (expr, names, values) = condition_sdk(condition.as_ref());
+            db.put_item()
+                .table_name(table)
+                .set_item(Some(convert::item_to_sdk(item)))
+                .set_condition_expression(expr)
+                .set_expression_attribute_names(names)
+                .set_expression_attribute_values(values)
+                .send()
+                .await
+                .map_err(sdk_error)?;
             Ok((json!({}), None))
         }
         Request::GetItem { key, consistent, projection, .. } => {
@@ -294,15 +301,16 @@ async fn forward(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(Va
             Ok((protocol::success_body(item.as_ref(), None), item))
         }
         Request::DeleteItem { key, condition, .. } => {
-            let mut call = db.delete_item().table_name(table).set_key(Some(convert::item_to_sdk(key)));
-            if let Some(c) = condition {
-                let (expr, names, value) = condition_parts(c);
-                call = call.condition_expression(expr).set_expression_attribute_names(Some(names));
-                if let Some((k, v)) = value {
-                    call = call.expression_attribute_values(k, v);
-                }
-            }
-            call.send().await.map_err(sdk_error)?;
+            let (expr, names, values) = condition_sdk(condition.as_ref());
+            db.delete_item()
+                .table_name(table)
+                .set_key(Some(convert::item_to_sdk(key)))
+                .set_condition_expression(expr)
+                .set_expression_attribute_names(names)
+                .set_expression_attribute_values(values)
+                .send()
+                .await
+                .map_err(sdk_error)?;
             Ok((json!({}), None))
         }
     }
