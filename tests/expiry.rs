@@ -13,7 +13,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use statelock::crd::{HolderState, LockSource, StateLock, state_lock_name};
+use statelock::crd::{HolderState, StateLock, state_lock_name};
 
 const NS: &str = "terraform";
 const RUNNERS: &str = "atlantis";
@@ -37,23 +37,21 @@ async fn env_with_grace(mode: &str, grace: &str) -> Env {
     let db = moto.dynamodb().await;
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
-    let client = cluster.client();
     for ns in [NS, RUNNERS] {
-        let n: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
-        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).create(&PostParams::default(), &n).await.expect("namespace");
+        cluster.create_namespace(ns).await;
     }
-    let src: LockSource = serde_json::from_value(json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
-        "metadata": {"name": "prod-locks", "namespace": NS},
-        "spec": {
-            "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()},
-            "sync": {"mode": "Scan", "interval": "1s"},
-            "holders": {"namespaces": [RUNNERS], "hostnamePattern": "atlantis-[0-9]+"},
-            "expiry": {"mode": mode, "gracePeriod": grace, "staleAfter": "1h", "skewTolerance": "2s"}
-        }
-    }))
-    .expect("LockSource");
-    Api::<LockSource>::namespaced(client, NS).create(&PostParams::default(), &src).await.expect("LockSource");
+    cluster
+        .create_lock_source(
+            NS,
+            "prod-locks",
+            json!({
+                "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()},
+                "sync": {"mode": "Scan", "interval": "1s"},
+                "holders": {"namespaces": [RUNNERS], "hostnamePattern": "atlantis-[0-9]+"},
+                "expiry": {"mode": mode, "gracePeriod": grace, "staleAfter": "1h", "skewTolerance": "2s"}
+            }),
+        )
+        .await;
     let op = Operator::start(&cluster);
     Env { moto, cluster, op, db }
 }

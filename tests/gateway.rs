@@ -6,16 +6,13 @@ mod common;
 use std::{io::Write, process::Stdio, time::Duration};
 
 use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, free_port, http_request};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
-    events::v1::Event,
-};
+use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
     api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use statelock::crd::{HolderIdentification, LockSource, StateLock, state_lock_name};
+use statelock::crd::{HolderIdentification, StateLock, state_lock_name};
 
 const NS: &str = "terraform";
 const TABLE: &str = "tf-locks";
@@ -41,16 +38,9 @@ async fn env_backend(allow_loopback: bool, runner_pod: bool, backend: &str) -> E
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     let client = cluster.client();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("namespace");
+    cluster.create_namespace(NS).await;
     let ranges: Vec<&str> = if allow_loopback { vec!["127.0.0.1/32"] } else { vec![] };
-    let src: LockSource = serde_json::from_value(json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
-        "metadata": {"name": "tf-locks", "namespace": NS},
-        "spec": {"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": "1s"}, "gateway": {"allowedSourceRanges": ranges}}
-    }))
-    .expect("LockSource");
-    Api::<LockSource>::namespaced(client.clone(), NS).create(&PostParams::default(), &src).await.expect("LockSource");
+    cluster.create_lock_source(NS, "tf-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": "1s"}, "gateway": {"allowedSourceRanges": ranges}})).await;
     if runner_pod {
         let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
         let pod: Pod = serde_json::from_value(

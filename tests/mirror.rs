@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{DynamoServer, Operator, TestCluster, eventually, put_item, terraform_info};
-use k8s_openapi::api::{core::v1::Namespace, events::v1::Event};
+use k8s_openapi::api::events::v1::Event;
 use kube::{
     Api, ResourceExt,
     api::{ListParams, PostParams},
@@ -24,16 +24,8 @@ async fn setup(moto: &DynamoServer, interval: &str) -> TestCluster {
 async fn setup_mode(moto: &DynamoServer, interval: &str, mode: &str) -> TestCluster {
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
-    let client = cluster.client();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("namespace");
-    let src: LockSource = serde_json::from_value(json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
-        "metadata": {"name": "prod-locks", "namespace": NS},
-        "spec": {"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": mode, "interval": interval}}
-    }))
-    .expect("LockSource");
-    Api::<LockSource>::namespaced(client, NS).create(&PostParams::default(), &src).await.expect("create LockSource");
+    cluster.create_namespace(NS).await;
+    cluster.create_lock_source(NS, "prod-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": mode, "interval": interval}})).await;
     cluster
 }
 

@@ -6,10 +6,7 @@ mod common;
 use std::{io::Write, process::Stdio, time::Duration};
 
 use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, http_request, kubectl};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::{Api, api::PostParams};
 use serde_json::json;
-use statelock::crd::LockSource;
 
 const NS: &str = "terraform";
 
@@ -19,16 +16,8 @@ async fn environment() -> (DynamoServer, TestCluster, Operator) {
     assert_eq!(http_request("PUT", &format!("{}/tfstate", moto.url()), ""), 200, "create the state bucket");
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
-    let client = cluster.client();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("namespace");
-    let src: LockSource = serde_json::from_value(json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource",
-        "metadata": {"name": "tf-locks", "namespace": NS},
-        "spec": {"dynamodb": {"tableName": "tf-locks", "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": "1s"}}
-    }))
-    .expect("LockSource");
-    Api::<LockSource>::namespaced(client, NS).create(&PostParams::default(), &src).await.expect("LockSource");
+    cluster.create_namespace(NS).await;
+    cluster.create_lock_source(NS, "tf-locks", json!({"dynamodb": {"tableName": "tf-locks", "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": "1s"}})).await;
     let op = Operator::start(&cluster);
     (moto, cluster, op)
 }

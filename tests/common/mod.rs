@@ -51,6 +51,28 @@ impl TestCluster {
         kube::Client::try_from(config).expect("client")
     }
 
+    /// Create a namespace.
+    pub async fn create_namespace(&self, name: &str) {
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client())
+            .create(&kube::api::PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+    }
+
+    /// Create a LockSource with the given spec.
+    pub async fn create_lock_source(&self, namespace: &str, name: &str, spec: serde_json::Value) {
+        let src: statelock::crd::LockSource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": name, "namespace": namespace}, "spec": spec
+        }))
+        .expect("LockSource");
+        Api::<statelock::crd::LockSource>::namespaced(self.client(), namespace)
+            .create(&kube::api::PostParams::default(), &src)
+            .await
+            .expect("create LockSource");
+    }
+
     /// Install statelock's CRDs the way a user would (server-side apply).
     pub async fn install_crds(&self) {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client());

@@ -145,7 +145,8 @@ fn parse_rv(s: &str) -> Option<u64> {
     s.parse::<u64>().ok()
 }
 
-fn b64(data: &[u8]) -> String {
+/// Standard base64 (continue tokens, protobuf bytes fields).
+pub(crate) fn b64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in data.chunks(3) {

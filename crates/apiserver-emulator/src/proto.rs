@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::api::b64;
+
 #[derive(Clone, Copy)]
 enum Kind {
     Str,
@@ -106,18 +108,6 @@ impl<'a> Reader<'a> {
             _ => None,
         }
     }
-}
-
-fn b64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            out.push(if i <= c.len() { T[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
-        }
-    }
-    out
 }
 
 fn message(b: &[u8], fields: &[Field]) -> Option<Value> {

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use apiserver_emulator::{
     Api, Clock, Options,
     api::{ListParams, PatchType, WriteParams},
@@ -204,7 +202,6 @@ fn create_drops_status_and_sets_system_fields() {
     assert_eq!(o["metadata"]["generation"], 1);
     let ts = o["metadata"]["creationTimestamp"].as_str().expect("creationTimestamp");
     assert!(ts.ends_with('Z') && ts.len() == 20, "whole seconds, Z: {ts}");
-    let _ = Arc::new(());
 }
 
 #[test]
