@@ -1,5 +1,5 @@
-//! The admin HTTP server: `/livez` (the process is serving) and `/readyz` (every readiness gate
-//! has opened). It never touches the API server or DynamoDB itself.
+//! The admin HTTP server: `/livez` (the process is serving), `/readyz` (every readiness gate has
+//! opened) and `/metrics` (OpenMetrics text). It never touches the API server or DynamoDB itself.
 
 use std::{
     collections::BTreeMap,
@@ -7,9 +7,17 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
 
 /// Named conditions that must all hold before the process reports ready.
 ///
@@ -50,8 +58,12 @@ impl Readiness {
 }
 
 /// The admin routes.
-pub fn router(readiness: Readiness) -> Router {
-    Router::new().route("/livez", get(livez)).route("/readyz", get(readyz)).with_state(readiness)
+pub fn router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(readiness)
+        .route("/metrics", get(metrics_text).with_state(metrics))
 }
 
 async fn livez() -> &'static str {
@@ -65,14 +77,18 @@ async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
     }
 }
 
+async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+}
+
 /// Bind the admin server; separate from [`serve`] so that a bad address fails start-up at once.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
 /// Serve until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, readiness: Readiness, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(readiness)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Arc<Metrics>, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(readiness, metrics)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ use crate::{
     admin::{self, Readiness},
     cli::GatewayBackend,
     cli::{CrdsArgs, RunArgs},
-    crd, expiry, gateway, mirror,
+    crd, expiry, gateway,
+    metrics::Metrics,
+    mirror,
 };
 
 /// Why `statelock crds` failed.
@@ -84,14 +86,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     let listener = admin::bind(args.admin_addr).await.map_err(|source| RunError::BindAdmin { addr: args.admin_addr, source })?;
     info!(addr = %args.admin_addr, "admin server listening");
-    let admin = tokio::spawn(admin::serve(listener, readiness.clone(), shutdown.clone()));
+    let metrics = Metrics::new();
+    let admin = tokio::spawn(admin::serve(listener, readiness.clone(), metrics.clone(), shutdown.clone()));
 
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
     let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone()));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
     let expiry = tokio::spawn(expiry::controller::run(client.clone(), recorder.clone(), readiness.clone(), shutdown.clone()));
     let gateway = match args.gateway_addr {
-        Some(addr) => Some(start_gateway(&client, recorder, addr, args.gateway_backend, &readiness, &shutdown).await?),
+        Some(addr) => Some(start_gateway(&client, recorder, &args, addr, &metrics, &readiness, &shutdown).await?),
         None => None,
     };
 
@@ -122,39 +125,26 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 async fn start_gateway(
     client: &Client,
     recorder: Recorder,
+    args: &RunArgs,
     addr: SocketAddr,
-    backend: GatewayBackend,
+    metrics: &Metrics,
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<io::Result<()>>, RunError> {
-    use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let (pods, pod_writer) = reflector::store();
-    let (sources, source_writer) = reflector::store();
-    let pod_stream = reflector::reflector(
-        pod_writer,
-        watcher(kube::Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff();
-    let source_stream =
-        reflector::reflector(source_writer, watcher(kube::Api::<crd::LockSource>::all(client.clone()), watcher::Config::default()))
-            .default_backoff();
-    tokio::spawn(pod_stream.for_each(|_| async {}));
-    tokio::spawn(source_stream.for_each(|_| async {}));
     readiness.add_gate("gateway", "syncing the gateway's pod and LockSource caches");
     let listener = TcpListener::bind(addr).await.map_err(|source| RunError::BindGateway { addr, source })?;
-    info!(%addr, ?backend, "gateway listening");
-    let backend = match backend {
+    info!(%addr, backend = ?args.gateway_backend, "gateway listening");
+    let backend = match args.gateway_backend {
         GatewayBackend::Dynamodb => gateway::server::Backend::Forward,
         GatewayBackend::Memory => gateway::server::Backend::Memory(Arc::new(gateway::memory::MemoryTables::default())),
     };
-    let gw = Arc::new(gateway::server::Gateway::new(client.clone(), recorder, pods.clone(), sources.clone(), backend));
+    let config = gateway::effects::EffectsConfig { waiter_timeout: args.gateway_waiter_timeout, ..Default::default() };
+    let gw = gateway::server::Gateway::new(client.clone(), recorder, backend, metrics.gateway.clone(), config);
     {
-        let readiness = readiness.clone();
+        let (gw, readiness) = (gw.clone(), readiness.clone());
         tokio::spawn(async move {
-            if pods.wait_until_ready().await.is_ok() && sources.wait_until_ready().await.is_ok() {
-                readiness.open("gateway");
-            }
+            gw.synced().await;
+            readiness.open("gateway");
         });
     }
     Ok(tokio::spawn(gateway::server::serve(gw, listener, shutdown.clone())))

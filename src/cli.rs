@@ -75,6 +75,11 @@ pub struct RunArgs {
     #[arg(long, env = "STATELOCK_GATEWAY_BACKEND", value_enum, default_value_t = GatewayBackend::Dynamodb)]
     pub gateway_backend: GatewayBackend,
 
+    /// A waiter that has not retried for this long is taken to have given up (Terraform retries
+    /// at most 16 s apart).
+    #[arg(long, env = "STATELOCK_GATEWAY_WAITER_TIMEOUT", default_value = "40s", value_parser = parse_duration)]
+    pub gateway_waiter_timeout: Duration,
+
     /// This replica's name, used as the events' reporting instance (the chart sets the pod name).
     #[arg(long, env = "STATELOCK_POD_NAME", default_value = "statelock")]
     pub pod_name: String,

@@ -5,7 +5,7 @@ mod common;
 
 use std::{io::Write, process::Stdio, time::Duration};
 
-use common::{DynamoServer, Operator, Terraform, TestCluster, eventually, free_port, http_request};
+use common::{DynamoServer, NetNs, Operator, Terraform, TestCluster, eventually, free_port, http_request};
 use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
@@ -58,7 +58,9 @@ async fn env_backend(allow_loopback: bool, runner_pod: bool, backend: &str) -> E
     }
     let port = free_port();
     let mut cmd = common::statelock_command();
-    cmd.env("STATELOCK_GATEWAY_ADDR", format!("127.0.0.1:{port}")).env("STATELOCK_GATEWAY_BACKEND", backend);
+    cmd.env("STATELOCK_GATEWAY_ADDR", format!("127.0.0.1:{port}"))
+        .env("STATELOCK_GATEWAY_BACKEND", backend)
+        .env("STATELOCK_GATEWAY_WAITER_TIMEOUT", "10s");
     let op = Operator::start_with(&cluster, cmd);
     let gateway = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(30), "the gateway to listen", || {
@@ -193,11 +195,134 @@ async fn contention_becomes_a_counted_event_series_and_a_waiter_in_status() {
     .await;
     let note = contended.note.unwrap_or_default();
     assert!(note.contains("root@atlantis-1") && note.contains("root@atlantis-0"), "the event names both sides: {note}");
+    // B stopped retrying: after the waiter timeout (10 s here) it is no longer listed, and its
+    // wait counts as given up.
+    eventually(Duration::from_secs(30), "the waiter that gave up to leave status", || async {
+        lock_object(&e.cluster).await.filter(|l| l.status.as_ref().and_then(|s| s.contention.as_ref()).is_some_and(|c| c.waiter_count == 0))
+    })
+    .await;
+    let m = e.op.metrics();
+    assert_eq!(common::metric(&m, "statelock_gateway_lock_wait_seconds_count{outcome=\"gave_up\"}"), Some(1.0), "{m}");
+    assert!(common::metric(&m, "statelock_gateway_lock_attempts_total{result=\"contended\"}") >= Some(2.0), "{m}");
+    assert_eq!(common::metric(&m, "statelock_gateway_waiters"), Some(0.0), "{m}");
     holder.stdin.take().expect("stdin").write_all(b"no\n").expect("answer");
     let _ = holder.wait();
     let ok = tf.command(&b, "atlantis-1", &["plan", "-no-color", "-lock-timeout=20s"]).output().expect("plan B again");
     assert!(ok.status.success(), "B proceeds once A is done: {}", String::from_utf8_lossy(&ok.stderr));
     e.op.stop().await;
+}
+
+/// Two runners with the same hostname (so `Who` cannot tell them apart) in their own network
+/// namespaces: the gateway tells them apart by their real source addresses.
+#[tokio::test(flavor = "multi_thread")]
+async fn runners_are_told_apart_by_their_source_addresses() {
+    let (na, nb) = (NetNs::create(1), NetNs::create(2));
+    let moto = DynamoServer::moto_at(&na.host_addr, free_port());
+    moto.create_lock_table(TABLE).await;
+    assert_eq!(http_request("PUT", &format!("{}/tfstate", moto.url()), ""), 200, "state bucket");
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    // Only pods of this namespace may use the table (the default); no source ranges.
+    cluster.create_lock_source(NS, "tf-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()}, "sync": {"mode": "Scan", "interval": "1s"}})).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let mut uids = Vec::new();
+    for (name, ip) in [("runner-a", &na.addr), ("runner-b", &nb.addr)] {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "tf", "image": "tf"}]}}))
+            .expect("pod");
+        let created = pods.create(&PostParams::default(), &pod).await.expect("pod");
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})),
+        )
+        .await
+        .expect("status");
+        uids.push(created.metadata.uid.expect("uid"));
+    }
+    let port = free_port();
+    let mut cmd = common::statelock_command();
+    cmd.env("STATELOCK_GATEWAY_ADDR", format!("{}:{port}", na.host_addr));
+    let op = Operator::start_with(&cluster, cmd);
+    let gateway = format!("http://{}:{port}", na.host_addr);
+    let addr = format!("{}:{port}", na.host_addr);
+    eventually(Duration::from_secs(30), "the gateway to listen", || {
+        let ok = std::net::TcpStream::connect(&addr).is_ok();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let tf = Terraform::modern();
+    let dir = |name: &str, ns: &NetNs| {
+        let dir = cluster.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join("main.tf"),
+            format!("{}\noutput \"v\" {{\n  value = \"{name}\"\n}}\n", tf.backend_with(&moto.url(), &gateway, KEY, TABLE)),
+        )
+        .expect("main.tf");
+        let init = tf.command_in(Some(ns), &dir, "runner", &["init", "-input=false", "-no-color"]).output().expect("init");
+        assert!(init.status.success(), "init in {}: {}", ns.name, String::from_utf8_lossy(&init.stderr));
+        dir
+    };
+    let (a, b) = (dir("a", &na), dir("b", &nb));
+    let mut holder = tf
+        .command_in(Some(&na), &a, "runner", &["apply", "-no-color"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("apply A");
+    let lock = eventually(Duration::from_secs(30), "A's exact holder record", || async {
+        lock_object(&cluster).await.filter(|l| l.status.as_ref().is_some_and(|s| s.gateway_holder.is_some()))
+    })
+    .await;
+    let gh = lock.status.and_then(|s| s.gateway_holder).expect("gatewayHolder");
+    assert_eq!((gh.namespace.as_str(), gh.pod.as_str(), gh.uid.as_str()), (NS, "runner-a", uids[0].as_str()));
+    assert_eq!(lock.spec.lock_info.who.as_deref(), Some("root@runner"), "Who alone could not tell the runners apart");
+    let waiter = tf
+        .command_in(Some(&nb), &b, "runner", &["plan", "-no-color", "-lock-timeout=60s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("plan B");
+    let lock = eventually(Duration::from_secs(20), "B listed as a waiter", || async {
+        lock_object(&cluster).await.filter(|l| {
+            l.status.as_ref().and_then(|s| s.contention.as_ref()).is_some_and(|c| c.waiters.first().is_some_and(|w| w.attempts >= 2))
+        })
+    })
+    .await;
+    let w = &lock.status.as_ref().and_then(|s| s.contention.as_ref()).expect("contention").waiters[0];
+    assert_eq!((w.namespace.as_deref(), w.pod.as_deref()), (Some(NS), Some("runner-b")));
+    let on_b = eventually(Duration::from_secs(10), "LockContended on pod runner-b", || async {
+        events(&cluster, "LockContended")
+            .await
+            .into_iter()
+            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("runner-b"))
+    })
+    .await;
+    let note = on_b.note.unwrap_or_default();
+    assert!(note.contains(&format!("(pod {NS}/runner-b)")) && note.contains("(pod runner-a)"), "the event names both pods: {note}");
+    // A finishes; B, still retrying, gets the lock: its wait ends as acquired.
+    holder.stdin.take().expect("stdin").write_all(b"no\n").expect("answer");
+    let _ = holder.wait();
+    let out = waiter.wait_with_output().expect("B");
+    assert!(out.status.success(), "B proceeds once A is done: {}", String::from_utf8_lossy(&out.stderr));
+    let m = eventually(Duration::from_secs(10), "B's wait to be measured", || {
+        let m = op.metrics();
+        async move { (common::metric(&m, "statelock_gateway_lock_wait_seconds_count{outcome=\"acquired\"}") == Some(1.0)).then_some(m) }
+    })
+    .await;
+    assert_eq!(common::metric(&m, "statelock_gateway_waiters"), Some(0.0), "{m}");
+    assert!(
+        common::metric(&m, "statelock_gateway_requests_total{operation=\"PutItem\",result=\"ConditionalCheckFailedException\"}")
+            >= Some(2.0),
+        "{m}"
+    );
+    eventually(Duration::from_secs(10), "the released lock's StateLock to go", || async {
+        lock_object(&cluster).await.is_none().then_some(())
+    })
+    .await;
+    op.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

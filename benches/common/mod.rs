@@ -136,22 +136,9 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
 
 /// Start the gateway in-process on a free port, with its own caches, in front of `backend`.
 pub async fn gateway(rig: &Rig, backend: statelock::gateway::server::Backend) -> std::net::SocketAddr {
-    use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let (pods, pw) = reflector::store();
-    let (sources, sw) = reflector::store();
-    tokio::spawn(
-        reflector::reflector(pw, watcher(Api::<k8s_openapi::api::core::v1::Pod>::all(rig.client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
-    );
-    tokio::spawn(
-        reflector::reflector(sw, watcher(Api::<LockSource>::all(rig.client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
-    );
     let recorder = Recorder::new(rig.client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
-    let gw = Arc::new(statelock::gateway::server::Gateway::new(rig.client.clone(), recorder, pods, sources, backend));
+    let metrics = statelock::metrics::Metrics::default().gateway;
+    let gw = statelock::gateway::server::Gateway::new(rig.client.clone(), recorder, backend, metrics, Default::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(statelock::gateway::server::serve(gw, listener, rig.cancel.clone()));

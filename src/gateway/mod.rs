@@ -4,7 +4,9 @@
 //! [`protocol`] parses and answers the DynamoDB JSON 1.0 calls Terraform makes (pure);
 //! [`memory`] is an in-memory table with the same conditional semantics (sandbox and tests).
 
+pub mod caches;
 mod convert;
+pub mod effects;
 pub mod memory;
 pub mod protocol;
 pub mod server;

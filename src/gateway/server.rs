@@ -12,22 +12,22 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use axum::{
     Router,
-    body::Bytes,
-    extract::{ConnectInfo, DefaultBodyLimit, State},
+    body::Body,
+    extract::{ConnectInfo, State},
     http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
 };
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    Client, Resource, ResourceExt,
     runtime::{
         events::{Event, EventType, Recorder},
         reflector::Store,
@@ -39,17 +39,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use super::{
+    caches::Caches,
     convert,
+    effects::{Effects, EffectsConfig},
     memory::MemoryTables,
     protocol::{self, Condition, DynamoErrorBody, Item, Request},
 };
 use crate::{
-    crd::{LockSource, StateLock, state_lock_name},
+    crd::LockSource,
     dynamo::{
         self,
         lock_item::{TableItem, parse_item},
     },
-    mirror::plan::spec_for,
+    metrics::{AttemptLabels, AttemptResult, GatewayMetrics, Operation, OperationLabels, RequestLabels},
     reasons,
 };
 
@@ -63,36 +65,52 @@ pub enum Backend {
 
 /// The gateway's shared state.
 pub struct Gateway {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub pods: Store<Pod>,
-    pub sources: Store<LockSource>,
-    pub backend: Backend,
+    client: Client,
+    recorder: Recorder,
+    caches: Caches,
+    backend: Backend,
+    effects: Arc<Effects>,
+    metrics: GatewayMetrics,
     clients: Mutex<HashMap<String, aws_sdk_dynamodb::Client>>,
 }
 
 impl Gateway {
-    pub fn new(client: Client, recorder: Recorder, pods: Store<Pod>, sources: Store<LockSource>, backend: Backend) -> Self {
-        Self { client, recorder, pods, sources, backend, clients: Mutex::new(HashMap::new()) }
+    /// A gateway with its own pod and LockSource caches (started here).
+    pub fn new(client: Client, recorder: Recorder, backend: Backend, metrics: GatewayMetrics, config: EffectsConfig) -> Arc<Self> {
+        let caches = Caches::start(&client);
+        let effects = Effects::new(client.clone(), recorder.clone(), caches.clone(), metrics.clone(), config);
+        Arc::new(Self { client, recorder, caches, backend, effects, metrics, clients: Mutex::new(HashMap::new()) })
+    }
+
+    /// Resolves once the pod and LockSource caches hold a complete list.
+    pub async fn synced(&self) {
+        self.caches.synced().await;
     }
 }
 
-/// Serve until `shutdown`; requests in flight are finished.
+/// Serve until `shutdown`; requests in flight are finished, then the StateLock updates they
+/// queued are applied before this returns.
 ///
 /// Nothing is accepted before the pod and LockSource caches have synced: until then a caller
 /// could be refused or left unidentified. Connections wait in the listen backlog meanwhile.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    let synced = async {
-        let _ = gw.pods.wait_until_ready().await;
-        let _ = gw.sources.wait_until_ready().await;
-    };
     tokio::select! {
-        () = synced => {},
+        () = gw.synced() => {},
         () = shutdown.cancelled() => return Ok(()),
     }
-    let app = Router::new().route("/", post(handle)).layer(DefaultBodyLimit::max(protocol::MAX_BODY_BYTES + 1)).with_state(gw);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    let effects = tokio::spawn(gw.effects.clone().run(shutdown.clone()));
+    let app = Router::new().route("/", post(handle)).with_state(gw.clone());
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    gw.effects.close();
+    let _ = effects.await;
+    served
 }
+
+/// How long a client may take to send its request body: a slow or stalled client gets a
+/// DynamoDB-style error instead of holding a connection and its buffers.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn respond(result: Result<Value, DynamoErrorBody>) -> Response {
     let (status, body, error) = match result {
@@ -133,17 +151,6 @@ pub fn cidr_contains(range: &str, ip: IpAddr) -> bool {
     }
 }
 
-/// The caller's pod, when exactly one pod has its address (host-network pods share the node's).
-fn caller_pod(pods: &Store<Pod>, ip: IpAddr) -> Option<Arc<Pod>> {
-    let ip = ip.to_string();
-    let mut found = pods
-        .state()
-        .into_iter()
-        .filter(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) == Some(ip.as_str()) && p.metadata.deletion_timestamp.is_none());
-    let first = found.next()?;
-    found.next().is_none().then_some(first)
-}
-
 /// The LockSource that serves `table` to this caller, or why none may.
 fn choose_source(sources: &Store<LockSource>, table: &str, pod_ns: Option<&str>, ip: IpAddr) -> Result<Arc<LockSource>, DynamoErrorBody> {
     let mut candidates: Vec<Arc<LockSource>> = sources.state().into_iter().filter(|s| s.spec.dynamodb.table_name == table).collect();
@@ -165,14 +172,34 @@ fn choose_source(sources: &Store<LockSource>, table: &str, pod_ns: Option<&str>,
     })
 }
 
-async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, body: Body) -> Response {
     let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let span =
-        info_span!("gateway", op = %target.trim_start_matches("DynamoDB_20120810."), peer = %peer.ip(), lock_id = tracing::field::Empty);
+    let op = target.trim_start_matches("DynamoDB_20120810.");
+    let operation = match op {
+        "PutItem" => Operation::PutItem,
+        "GetItem" => Operation::GetItem,
+        "DeleteItem" => Operation::DeleteItem,
+        _ => Operation::unknown,
+    };
+    let span = info_span!("gateway", %op, peer = %peer.ip(), lock_id = tracing::field::Empty);
     async move {
         let started = Instant::now();
-        let result = process(&gw, &target, &body, peer.ip()).await;
-        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "gateway request");
+        let result = match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, protocol::MAX_BODY_BYTES).collect()).await {
+            Ok(Ok(body)) => process(&gw, &target, &body.to_bytes(), peer.ip()).await,
+            Ok(Err(e)) if e.is::<LengthLimitError>() => Err(DynamoErrorBody::too_large()),
+            Ok(Err(e)) => Err(DynamoErrorBody::serialization(format!("failed to read the request body: {e}"))),
+            Err(_) => {
+                Err(DynamoErrorBody::validation(format!("the request body was not received within {} s", BODY_READ_TIMEOUT.as_secs())))
+            }
+        };
+        let elapsed = started.elapsed();
+        tracing::debug!(elapsed_us = elapsed.as_micros() as u64, ok = result.is_ok(), "gateway request");
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.code().to_owned(),
+        };
+        gw.metrics.requests.get_or_create(&RequestLabels { operation, result: outcome }).inc();
+        gw.metrics.request_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
         respond(result)
     }
     .instrument(span)
@@ -184,9 +211,9 @@ async fn process(gw: &Arc<Gateway>, target: &str, body: &[u8], ip: IpAddr) -> Re
     if let Some(id) = req.lock_id() {
         tracing::Span::current().record("lock_id", id);
     }
-    let pod = caller_pod(&gw.pods, ip);
+    let pod = gw.caches.caller_pod(ip);
     let pod_ns = pod.as_ref().and_then(|p| p.namespace());
-    let source = match choose_source(&gw.sources, req.table(), pod_ns.as_deref(), ip) {
+    let source = match choose_source(&gw.caches.sources, req.table(), pod_ns.as_deref(), ip) {
         Ok(s) => s,
         Err(e) => {
             if e.code() == "AccessDeniedException" {
@@ -196,8 +223,40 @@ async fn process(gw: &Arc<Gateway>, target: &str, body: &[u8], ip: IpAddr) -> Re
         }
     };
     let outcome = execute(gw, &source, &req).await;
-    effects(gw.clone(), source, req, pod, &outcome);
+    note_effects(gw, &source, &req, pod, &outcome);
     outcome.map(|(v, _)| v)
+}
+
+/// Record what the call means for the StateLock; [`Effects`] applies it off the request path.
+fn note_effects(
+    gw: &Gateway,
+    source: &Arc<LockSource>,
+    req: &Request,
+    pod: Option<Arc<Pod>>,
+    outcome: &Result<(Value, Option<Item>), DynamoErrorBody>,
+) {
+    match req {
+        Request::PutItem { condition: Some(Condition::NotExists(a)), item, .. } if a == "LockID" && protocol::info_of(item).is_some() => {
+            let contended = outcome.as_ref().err().is_some_and(|e| e.code() == "ConditionalCheckFailedException");
+            if outcome.is_err() && !contended {
+                return;
+            }
+            let TableItem::Lock(record) = parse_item(&convert::item_to_sdk(item)) else { return };
+            let result = if contended { AttemptResult::contended } else { AttemptResult::granted };
+            gw.metrics.lock_attempts.get_or_create(&AttemptLabels { result }).inc();
+            if contended {
+                gw.effects.contended(source, &record, pod);
+            } else {
+                gw.effects.granted(source, *record, pod);
+            }
+        }
+        Request::DeleteItem { .. } if outcome.is_ok() => {
+            if let Some(id) = req.lock_id().filter(|id| !id.ends_with("-md5")) {
+                gw.effects.released(source, id);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Run the call on the backend; also returns the item a GetItem read.
@@ -316,183 +375,6 @@ async fn forward(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(Va
     }
 }
 
-/// What the call means for the StateLock, applied in the background so the caller is not kept
-/// waiting on the Kubernetes API.
-fn effects(
-    gw: Arc<Gateway>,
-    source: Arc<LockSource>,
-    req: Request,
-    pod: Option<Arc<Pod>>,
-    outcome: &Result<(Value, Option<Item>), DynamoErrorBody>,
-) {
-    let lock_attempt = matches!(&req, Request::PutItem { condition: Some(Condition::NotExists(a)), item, .. } if a == "LockID" && protocol::info_of(item).is_some());
-    let released = matches!(&req, Request::DeleteItem { .. }) && req.lock_id().is_some_and(|id| !id.ends_with("-md5"));
-    let granted = outcome.is_ok();
-    let contended = outcome.as_ref().err().is_some_and(|e| e.code() == "ConditionalCheckFailedException");
-    if !(lock_attempt && (granted || contended)) && !(released && granted) {
-        return;
-    }
-    tokio::spawn(async move {
-        let result = if lock_attempt && granted {
-            record_holder(&gw, &source, &req, pod.as_deref()).await
-        } else if lock_attempt {
-            record_waiter(&gw, &source, &req, pod.as_deref()).await
-        } else {
-            remove_lock(&gw, &source, &req).await
-        };
-        if let Err(e) = result {
-            warn!(error = %e, "gateway failed to update the StateLock; the mirror will catch up");
-        }
-    });
-}
-
-fn pod_fields(pod: Option<&Pod>) -> Value {
-    match pod {
-        Some(p) => json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid()}),
-        None => json!({}),
-    }
-}
-
-async fn record_holder(gw: &Gateway, source: &LockSource, req: &Request, pod: Option<&Pod>) -> Result<(), kube::Error> {
-    let Request::PutItem { item, .. } = req else { return Ok(()) };
-    let sdk_item = convert::item_to_sdk(item);
-    let TableItem::Lock(record) = parse_item(&sdk_item) else { return Ok(()) };
-    let ns = source.namespace().unwrap_or_default();
-    let name = state_lock_name(&record.lock_id);
-    let api: Api<StateLock> = Api::namespaced(gw.client.clone(), &ns);
-    let owner = source.controller_owner_ref(&()).map(|mut o| {
-        o.controller = Some(false);
-        o.block_owner_deletion = Some(false);
-        o
-    });
-    let spec = spec_for(&source.name_any(), &record);
-    let body = json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock",
-        "metadata": {"name": name, "labels": {reasons::SOURCE_LABEL: source.name_any()}, "ownerReferences": owner.iter().collect::<Vec<_>>()},
-        "spec": spec,
-    });
-    let obj = api.patch(&name, &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body)).await?;
-    if let (Some(p), Some(lock_id)) = (pod, record.info.id.as_deref()) {
-        let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "seenAt": Timestamp::now().to_string()});
-        let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"gatewayHolder": holder}});
-        api.patch_status(&name, &PatchParams::apply(reasons::GATEWAY_MANAGER).force(), &Patch::Apply(&status)).await?;
-    }
-    let who = record.info.who.as_deref().unwrap_or("unknown");
-    publish(
-        gw,
-        &obj,
-        reasons::LOCK_ACQUIRED,
-        false,
-        &format!("{who} took the lock on {} for {} through the gateway", record.lock_id, record.info.operation.as_deref().unwrap_or("?")),
-        None,
-    )
-    .await;
-    Ok(())
-}
-
-async fn record_waiter(gw: &Gateway, source: &LockSource, req: &Request, pod: Option<&Pod>) -> Result<(), kube::Error> {
-    let Request::PutItem { item, .. } = req else { return Ok(()) };
-    let TableItem::Lock(waiter) = parse_item(&convert::item_to_sdk(item)) else { return Ok(()) };
-    let ns = source.namespace().unwrap_or_default();
-    let name = state_lock_name(&waiter.lock_id);
-    let api: Api<StateLock> = Api::namespaced(gw.client.clone(), &ns);
-    let Some(lock) = api.get_opt(&name).await? else { return Ok(()) };
-    let now = Timestamp::now().to_string();
-    let Some(waiter_id) = waiter.info.id.clone() else { return Ok(()) };
-    let mut waiters: Vec<Value> = lock
-        .status
-        .as_ref()
-        .and_then(|s| s.contention.as_ref())
-        .map(|c| c.waiters.iter().filter_map(|w| serde_json::to_value(w).ok()).collect())
-        .unwrap_or_default();
-    match waiters.iter_mut().find(|w| w["id"] == waiter_id.as_str()) {
-        Some(w) => {
-            w["attempts"] = json!(w["attempts"].as_i64().unwrap_or(0) + 1);
-            w["lastAttempt"] = json!(now);
-        }
-        None => {
-            let mut w = json!({"id": waiter_id, "who": waiter.info.who, "operation": waiter.info.operation, "firstAttempt": now, "lastAttempt": now, "attempts": 1});
-            if let (Some(m), Some(extra)) = (w.as_object_mut(), pod_fields(pod).as_object()) {
-                m.extend(extra.iter().filter(|(k, _)| *k != "uid").map(|(k, v)| (k.clone(), v.clone())));
-            }
-            waiters.push(w);
-        }
-    }
-    let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"contention": {"waiterCount": waiters.len(), "waiters": waiters}}});
-    api.patch_status(&name, &PatchParams::apply(reasons::GATEWAY_WAITERS_MANAGER).force(), &Patch::Apply(&status)).await?;
-    let holder_who = lock.spec.lock_info.who.as_deref().unwrap_or("unknown");
-    let holder_pod =
-        lock.status.as_ref().and_then(|s| s.holder.as_ref()).and_then(|h| h.pod.clone()).map(|p| format!(" (pod {p})")).unwrap_or_default();
-    let waiter_pod = pod.map(|p| format!(" (pod {}/{})", p.namespace().unwrap_or_default(), p.name_any())).unwrap_or_default();
-    let note = format!(
-        "{}{waiter_pod} waits to {} {}: held by {holder_who}{holder_pod} for {} since {}",
-        waiter.info.who.as_deref().unwrap_or("unknown"),
-        waiter.info.operation.as_deref().unwrap_or("use"),
-        waiter.lock_id,
-        lock.spec.lock_info.operation.as_deref().unwrap_or("?"),
-        lock.spec.lock_info.created.as_deref().unwrap_or("?")
-    );
-    publish(gw, &lock, reasons::LOCK_CONTENDED, true, &note, pod).await;
-    Ok(())
-}
-
-async fn remove_lock(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(), kube::Error> {
-    let Some(lock_id) = req.lock_id() else { return Ok(()) };
-    let ns = source.namespace().unwrap_or_default();
-    let name = state_lock_name(lock_id);
-    let api: Api<StateLock> = Api::namespaced(gw.client.clone(), &ns);
-    let Some(lock) = api.get_opt(&name).await? else { return Ok(()) };
-    if lock.spec.lock_id != lock_id {
-        return Ok(());
-    }
-    let held = lock
-        .spec
-        .lock_info
-        .created
-        .as_deref()
-        .and_then(dynamo::lock_item::parse_created)
-        .map(|c| ((Timestamp::now().as_nanosecond() - c) / 1_000_000_000) as i64);
-    publish(
-        gw,
-        &lock,
-        reasons::LOCK_RELEASED,
-        false,
-        &format!(
-            "lock on {lock_id} released after {} (through the gateway)",
-            held.map(crate::mirror::plan::human).unwrap_or_else(|| "an unknown time".into())
-        ),
-        None,
-    )
-    .await;
-    let dp = DeleteParams {
-        preconditions: Some(kube::api::Preconditions { uid: lock.uid(), resource_version: None }),
-        ..DeleteParams::default()
-    };
-    match api.delete(&name, &dp).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-async fn publish(gw: &Gateway, lock: &StateLock, reason: &str, warning: bool, note: &str, pod: Option<&Pod>) {
-    let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(dynamo::lock_item::truncate(note, 1024).to_owned()),
-        action: "Gateway".into(),
-        secondary: None,
-    };
-    if let Err(e) = gw.recorder.publish(&event, &lock.object_ref(&())).await {
-        warn!(error = %e, reason, "failed to publish event");
-    }
-    if let Some(p) = pod
-        && let Err(e) = gw.recorder.publish(&event, &p.object_ref(&())).await
-    {
-        warn!(error = %e, reason, "failed to publish event on the pod");
-    }
-}
-
 async fn deny_event(gw: &Gateway, table: &str, pod: Option<&Pod>, message: &str) {
     warn!(%table, %message, "gateway access denied");
     let event = Event {
@@ -502,7 +384,7 @@ async fn deny_event(gw: &Gateway, table: &str, pod: Option<&Pod>, message: &str)
         action: "Gateway".into(),
         secondary: None,
     };
-    for s in gw.sources.state().iter().filter(|s| s.spec.dynamodb.table_name == table) {
+    for s in gw.caches.sources.state().iter().filter(|s| s.spec.dynamodb.table_name == table) {
         let _ = gw.recorder.publish(&event, &s.object_ref(&())).await;
     }
     if let Some(p) = pod {

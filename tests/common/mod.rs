@@ -109,6 +109,7 @@ pub fn free_port() -> u16 {
 pub struct DynamoServer {
     pub port: u16,
     pub kind: &'static str,
+    host: String,
     child: std::process::Child,
 }
 
@@ -118,13 +119,18 @@ impl DynamoServer {
     }
 
     pub fn moto_on(port: u16) -> Self {
+        Self::moto_at("127.0.0.1", port)
+    }
+
+    /// moto listening on `host` (an address of this machine, e.g. a veth end; see [`NetNs`]).
+    pub fn moto_at(host: &str, port: u16) -> Self {
         let child = python_tool("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", host, "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("moto_server (bash .ci/install puts it in .venv)");
-        Self::wait(port, "moto", child)
+        Self::wait(host, port, "moto", child)
     }
 
     pub fn dynalite() -> Self {
@@ -147,20 +153,20 @@ impl DynamoServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{} ({e}); bash .ci/install installs dynalite", bin.display()));
-        Self::wait(port, "dynalite", child)
+        Self::wait("127.0.0.1", port, "dynalite", child)
     }
 
-    fn wait(port: u16, kind: &'static str, child: std::process::Child) -> Self {
+    fn wait(host: &str, port: u16, kind: &'static str, child: std::process::Child) -> Self {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "{kind} did not start on port {port}");
+        while std::net::TcpStream::connect((host, port)).is_err() {
+            assert!(Instant::now() < deadline, "{kind} did not start on {host}:{port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { port, kind, child }
+        Self { port, kind, host: host.to_owned(), child }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// A DynamoDB client for the server, built the way the operator builds its clients.
@@ -275,6 +281,13 @@ impl Operator {
         Self { child, admin_port }
     }
 
+    /// The operator's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_fetch("GET", &format!("http://127.0.0.1:{}/metrics", self.admin_port), "");
+        assert_eq!(status, 200, "/metrics: {body}");
+        body
+    }
+
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
@@ -301,6 +314,11 @@ pub fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
 
 /// Send one plain HTTP/1.1 request; returns the status code.
 pub fn http_request(method: &str, url: &str, body: &str) -> u16 {
+    http_fetch(method, url, body).0
+}
+
+/// One HTTP/1.1 request; the status code and the body.
+pub fn http_fetch(method: &str, url: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
@@ -309,7 +327,14 @@ pub fn http_request(method: &str, url: &str, body: &str) -> u16 {
         .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
-    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line")
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// A Terraform binary for the end-to-end tests, installed by `.ci/install`.
@@ -374,12 +399,24 @@ impl Terraform {
     /// A command in `dir`, run under `unshare -u` with `hostname` as the machine name, so that
     /// Terraform's Who is `root@<hostname>` as in a pod of that name.
     pub fn command(&self, dir: &Path, hostname: &str, args: &[&str]) -> std::process::Command {
+        self.command_in(None, dir, hostname, args)
+    }
+
+    /// [`Terraform::command`] inside the network namespace `netns` (see [`NetNs`]), when given.
+    pub fn command_in(&self, netns: Option<&NetNs>, dir: &Path, hostname: &str, args: &[&str]) -> std::process::Command {
         let mut script = format!("hostname {hostname} && exec {}", shell_quote(&self.path.display().to_string()));
         for a in args {
             script.push(' ');
             script.push_str(&shell_quote(a));
         }
-        let mut cmd = Command::new("unshare");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, "unshare"]);
+                c
+            }
+            None => Command::new("unshare"),
+        };
         cmd.args(["-u", "sh", "-c", &script])
             .current_dir(dir)
             .env("CHECKPOINT_DISABLE", "1")
@@ -388,6 +425,54 @@ impl Terraform {
             .env("HOME", dir)
             .env("USER", "root");
         cmd
+    }
+}
+
+/// A network namespace joined to this machine by a veth pair: processes run in it (with
+/// `ip netns exec`) reach the machine's addresses with `addr` as their source address, as a pod
+/// reaches a service with its pod IP. Needs root and iproute2 (CI runs as root; .ci/install
+/// installs iproute2). Removed on drop.
+pub struct NetNs {
+    pub name: String,
+    /// The namespace's own address (the "pod IP").
+    pub addr: String,
+    /// The machine's end of the pair.
+    pub host_addr: String,
+    host_if: String,
+}
+
+impl NetNs {
+    /// Namespace `index` (1..=250) of this test process: 10.231.<index>.2 inside, .1 outside.
+    pub fn create(index: u8) -> Self {
+        let id = std::process::id() % 100_000;
+        let name = format!("sl{id}n{index}");
+        let host_if = format!("sl{id}h{index}");
+        let peer_if = format!("sl{id}p{index}");
+        let (host_addr, addr) = (format!("10.231.{index}.1"), format!("10.231.{index}.2"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip (iproute2; bash .ci/install installs it)");
+            assert!(out.status.success(), "ip {args:?} failed (network namespaces need root): {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Self { name: name.clone(), addr: addr.clone(), host_addr: host_addr.clone(), host_if: host_if.clone() };
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        ip(&["link", "set", &peer_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_addr}/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("{addr}/24"), "dev", &peer_if]);
+        ip(&["-n", &name, "link", "set", &peer_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&["-n", &name, "route", "add", "default", "via", &host_addr]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 

@@ -1,0 +1,168 @@
+//! Prometheus metrics, served by the admin server at `/metrics` in the OpenMetrics text format.
+//!
+//! Labels are bounded categories (operation, result, outcome), never object names: a cluster
+//! with ten thousand locks must not make ten thousand series.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Every metric statelock exports, plus the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    pub gateway: GatewayMetrics,
+}
+
+/// The gateway's metrics.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    /// Requests by DynamoDB operation and result.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to answer a request, by operation.
+    pub request_duration: Family<OperationLabels, Histogram>,
+    /// Lock PutItems by result (granted or contended).
+    pub lock_attempts: Family<AttemptLabels, Counter>,
+    /// How long a waiter waited, from its first refused attempt until it got the lock or gave up.
+    pub wait_duration: Family<WaitLabels, Histogram>,
+    /// Clients waiting for a lock now.
+    pub waiters: Gauge,
+    /// StateLocks with Kubernetes updates queued.
+    pub effects_queued: Gauge,
+    /// Kubernetes updates dropped because the queue was full (the mirror catches up).
+    pub effects_dropped: Counter,
+    /// Kubernetes updates that failed (the mirror catches up).
+    pub effects_failed: Counter,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are written as Prometheus expects them
+pub enum Operation {
+    PutItem,
+    GetItem,
+    DeleteItem,
+    unknown,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: Operation,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub operation: Operation,
+    /// `ok`, or the DynamoDB error code the caller got (a bounded set).
+    pub result: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AttemptResult {
+    granted,
+    contended,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub result: AttemptResult,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WaitOutcome {
+    acquired,
+    gave_up,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaitLabels {
+    pub outcome: WaitOutcome,
+}
+
+fn request_buckets() -> Histogram {
+    // 100 µs .. ~6.5 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 9))
+}
+
+fn wait_buckets() -> Histogram {
+    // 1 s .. ~68 min: Terraform retries 1, 2, 4 .. 16 s apart, and applies can take an hour.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 13))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("statelock");
+        let gateway = GatewayMetrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(request_buckets),
+            lock_attempts: Family::default(),
+            wait_duration: Family::new_with_constructor(wait_buckets),
+            waiters: Gauge::default(),
+            effects_queued: Gauge::default(),
+            effects_dropped: Counter::default(),
+            effects_failed: Counter::default(),
+        };
+        let g = registry.sub_registry_with_prefix("gateway");
+        g.register("requests", "Gateway requests by DynamoDB operation and result", gateway.requests.clone());
+        g.register_with_unit(
+            "request_duration",
+            "Time the gateway took to answer, by operation",
+            prometheus_client::registry::Unit::Seconds,
+            gateway.request_duration.clone(),
+        );
+        g.register("lock_attempts", "Lock attempts (conditional PutItems) by result", gateway.lock_attempts.clone());
+        g.register_with_unit(
+            "lock_wait",
+            "How long a waiter waited for a lock, until it acquired it or gave up",
+            prometheus_client::registry::Unit::Seconds,
+            gateway.wait_duration.clone(),
+        );
+        g.register("waiters", "Clients waiting for a lock now", gateway.waiters.clone());
+        g.register("effects_queued", "StateLocks with Kubernetes updates queued by the gateway", gateway.effects_queued.clone());
+        g.register(
+            "effects_dropped",
+            "Gateway Kubernetes updates dropped because the queue was full (the mirror catches up)",
+            gateway.effects_dropped.clone(),
+        );
+        g.register("effects_failed", "Gateway Kubernetes updates that failed (the mirror catches up)", gateway.effects_failed.clone());
+        Self { registry, gateway }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_the_gateway_families_with_units() {
+        let m = Metrics::default();
+        m.gateway.requests.get_or_create(&RequestLabels { operation: Operation::PutItem, result: "ok".into() }).inc();
+        m.gateway.wait_duration.get_or_create(&WaitLabels { outcome: WaitOutcome::gave_up }).observe(3.0);
+        m.gateway.request_duration.get_or_create(&OperationLabels { operation: Operation::GetItem }).observe(0.002);
+        let text = m.encode();
+        assert!(text.contains("statelock_gateway_requests_total{operation=\"PutItem\",result=\"ok\"} 1"), "{text}");
+        assert!(text.contains("statelock_gateway_lock_wait_seconds_count{outcome=\"gave_up\"} 1"), "{text}");
+        assert!(text.contains("# TYPE statelock_gateway_request_duration_seconds histogram"), "{text}");
+        assert!(text.contains("statelock_gateway_request_duration_seconds_bucket{le=\"0.0064\",operation=\"GetItem\"} 1"), "{text}");
+        assert!(text.contains("statelock_gateway_effects_dropped_total 0"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
