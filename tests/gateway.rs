@@ -374,6 +374,179 @@ async fn malformed_and_oversized_requests_get_dynamodb_errors() {
     e.op.stop().await;
 }
 
+/// A DynamoDB stand-in that answers every call with the next of `answers` (status, error type;
+/// an empty type is a success) and counts the calls: throttling and server errors on demand,
+/// over real HTTP, each answer `delay` late.
+fn failing_dynamodb(answers: Vec<(u16, &'static str)>, delay: Duration) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (counter, answers) = (counter.clone(), answers.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut conn = conn;
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    let mut saw_request = false;
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        saw_request = true;
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    if !saw_request {
+                        break;
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        break;
+                    }
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let (status, code) = answers[n % answers.len()];
+                    let body = if code.is_empty() {
+                        "{}".to_owned()
+                    } else {
+                        format!("{{\"__type\":\"com.amazonaws.dynamodb.v20120810#{code}\",\"message\":\"injected {code}\"}}")
+                    };
+                    std::thread::sleep(delay);
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/x-amz-json-1.0\r\nx-amzn-RequestId: R{n}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (url, calls)
+}
+
+/// Throttling and server errors reach the caller exactly as DynamoDB gave them, after exactly one
+/// upstream attempt (retrying is the caller's job); a client that stalls mid-body is cut off
+/// without holding up anyone else.
+#[tokio::test(flavor = "multi_thread")]
+async fn dynamodb_errors_pass_through_once_and_slow_clients_are_cut_off() {
+    use std::sync::atomic::Ordering;
+    let answers = vec![
+        (400, "ProvisionedThroughputExceededException"),
+        (400, "ThrottlingException"),
+        (500, "InternalServerError"),
+        (503, "ServiceUnavailable"),
+    ];
+    let (upstream, calls) = failing_dynamodb(answers.clone(), Duration::ZERO);
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    cluster.create_lock_source(NS, "tf-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": upstream}, "sync": {"mode": "Scan", "interval": "1h"}, "gateway": {"allowedSourceRanges": ["127.0.0.1/32"]}})).await;
+    let port = free_port();
+    let op = Operator::start_with_gateway(&cluster, port);
+    let addr = format!("127.0.0.1:{port}");
+    eventually(Duration::from_secs(30), "the gateway to listen", || {
+        let ok = std::net::TcpStream::connect(&addr).is_ok();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let post = |body: &str| -> (u16, String) {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(s, "POST / HTTP/1.1\r\nHost: {addr}\r\nX-Amz-Target: DynamoDB_20120810.PutItem\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out.to_lowercase())
+    };
+    let put = json!({"ConditionExpression": "attribute_not_exists(LockID)", "Item": {"LockID": {"S": "tfstate/x"}, "Info": {"S": "{\"ID\":\"1\"}"}}, "TableName": TABLE}).to_string();
+    // The first call may wait for the gateway's caches; the scan of the table failing is fine.
+    let before = calls.load(Ordering::SeqCst);
+    for (i, (status, code)) in answers.iter().enumerate() {
+        // The mirror's scans share the stand-in; take the answer the gateway's call will get.
+        let (got, text) = loop {
+            let n = calls.load(Ordering::SeqCst);
+            let (got, text) = post(&put);
+            if calls.load(Ordering::SeqCst) == n + 1 && text.contains(&code.to_lowercase()) {
+                break (got, text);
+            }
+            assert!(calls.load(Ordering::SeqCst) < before + 200, "answer {i} never came back: {text}");
+        };
+        assert_eq!(got, *status, "{code}: {text}");
+        assert!(text.contains(&format!("x-amzn-errortype: {}", code.to_lowercase())), "{text}");
+        assert!(text.contains(&format!("injected {}", code.to_lowercase())), "DynamoDB's message kept: {text}");
+    }
+    // A client that sends half its body and stalls is answered 400 after the read timeout, while
+    // others are served meanwhile.
+    let stall_addr = addr.clone();
+    let stalled = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&stall_addr).expect("connect");
+        write!(s, "POST / HTTP/1.1\r\nHost: gw\r\nX-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: 100\r\n\r\n{{\"TableName\"")
+            .expect("write");
+        let started = std::time::Instant::now();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (started.elapsed(), out)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (got, _) = post(&put);
+    assert!(got == 400 || got == 500 || got == 503, "others are served while a client stalls");
+    let (waited, out) = stalled.join().expect("stalled client");
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("was not received within 10 s"), "{out}");
+    assert!(waited >= Duration::from_secs(9), "cut off by the read timeout, after {waited:?}");
+    op.stop().await;
+}
+
+/// SIGTERM while a call is in flight: the caller still gets DynamoDB's answer; new connections
+/// are no longer accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_finishes_calls_in_flight() {
+    let (upstream, calls) = failing_dynamodb(vec![(200, "")], Duration::from_secs(2));
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    cluster.create_lock_source(NS, "tf-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": upstream}, "sync": {"mode": "Scan", "interval": "1h"}, "gateway": {"allowedSourceRanges": ["127.0.0.1/32"]}})).await;
+    let port = free_port();
+    let op = Operator::start_with_gateway(&cluster, port);
+    let addr = format!("127.0.0.1:{port}");
+    // Ready means the gateway's caches have synced: calls are served from then on.
+    eventually(Duration::from_secs(30), "readiness", || {
+        let admin = format!("127.0.0.1:{}", op.admin_port);
+        let ready = std::net::TcpStream::connect(&admin).is_ok() && http_request("GET", &format!("http://{admin}/readyz"), "") == 200;
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let a = addr.clone();
+    let in_flight = std::thread::spawn(move || {
+        use std::io::Read;
+        let body = json!({"Item": {"LockID": {"S": "tfstate/y-md5"}, "Digest": {"S": "d"}}, "TableName": TABLE}).to_string();
+        let mut s = std::net::TcpStream::connect(&a).expect("connect");
+        write!(s, "POST / HTTP/1.1\r\nHost: gw\r\nX-Amz-Target: DynamoDB_20120810.PutItem\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    let n = calls.load(std::sync::atomic::Ordering::SeqCst);
+    eventually(Duration::from_secs(5), "the call to reach DynamoDB", || {
+        let seen = calls.load(std::sync::atomic::Ordering::SeqCst) > n;
+        async move { seen.then_some(()) }
+    })
+    .await;
+    op.stop().await;
+    let out = in_flight.join().expect("caller");
+    assert!(out.starts_with("HTTP/1.1 200"), "the call in flight was answered: {out}");
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "no new connections after shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sixty_four_concurrent_clients_never_hold_one_lock_together() {
     use std::{

@@ -60,3 +60,11 @@ pub async fn dynamo_clients(region: &str, endpoint: Option<&str>, credentials: O
 pub async fn dynamodb_client(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(&sdk_config(region, endpoint, credentials).await)
 }
+
+/// A DynamoDB client that makes exactly one attempt per call, for the gateway: its callers
+/// (Terraform's own SDK) retry throttling and server errors themselves, so retrying here too
+/// would multiply their attempts and hide DynamoDB's answer from them.
+pub async fn passthrough_client(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> aws_sdk_dynamodb::Client {
+    let config = sdk_config(region, endpoint, credentials).await;
+    aws_sdk_dynamodb::Client::from_conf(aws_sdk_dynamodb::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build())
+}

@@ -105,6 +105,7 @@ pub struct Caches {
     pub pods: Store<Pod>,
     pub pod_ips: Arc<PodIpIndex>,
     pub sources: Store<LockSource>,
+    synced: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Caches {
@@ -126,13 +127,21 @@ impl Caches {
             reflector::reflector(source_writer, watcher(Api::<LockSource>::all(client.clone()), watcher::Config::default()))
                 .default_backoff();
         tokio::spawn(source_stream.for_each(|_| async {}));
-        Self { pods, pod_ips, sources }
+        // `Store::wait_until_ready` wakes only the most recent of several concurrent waiters, so
+        // one task waits and tells everyone else through a watch channel.
+        let (tx, synced) = tokio::sync::watch::channel(false);
+        let (p, s) = (pods.clone(), sources.clone());
+        tokio::spawn(async move {
+            if p.wait_until_ready().await.is_ok() && s.wait_until_ready().await.is_ok() {
+                let _ = tx.send(true);
+            }
+        });
+        Self { pods, pod_ips, sources, synced }
     }
 
     /// Wait until both caches hold a complete list.
     pub async fn synced(&self) {
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.sources.wait_until_ready().await;
+        let _ = self.synced.clone().wait_for(|done| *done).await;
     }
 
     /// The caller's pod, when exactly one live pod has its address (host-network pods share the

@@ -15,7 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use axum::{
     Router,
     body::Body,
@@ -295,26 +296,35 @@ fn condition_sdk(c: Option<&Condition>) -> (Option<String>, Option<HashMap<Strin
     }
 }
 
-fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
-    e: aws_sdk_dynamodb::error::SdkError<E, R>,
-) -> DynamoErrorBody
+/// DynamoDB's answer as the caller should see it: its status code, error type and message
+/// unchanged (throttling stays a 400 `ProvisionedThroughputExceededException`, a 5xx stays a 5xx).
+fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static>(e: SdkError<E, HttpResponse>) -> DynamoErrorBody
 where
-    aws_sdk_dynamodb::error::SdkError<E, R>: std::error::Error,
+    SdkError<E, HttpResponse>: std::error::Error,
 {
+    let status = e.raw_response().map(|r| r.status().as_u16());
     match e.as_service_error() {
         Some(svc) => {
             let code = svc.code().unwrap_or("InternalServerError").to_owned();
-            let status = if code.contains("InternalServerError") || code.contains("ServiceUnavailable") { 500 } else { 400 };
+            let status = status.filter(|s| (400..600).contains(s)).unwrap_or(if code.contains("InternalServerError") { 500 } else { 400 });
             DynamoErrorBody {
                 status,
                 type_: format!("com.amazonaws.dynamodb.v20120810#{code}"),
                 message: svc.message().unwrap_or_default().to_owned(),
             }
         }
-        None => DynamoErrorBody::internal(format!(
-            "the statelock gateway could not reach DynamoDB: {}",
-            aws_sdk_dynamodb::error::DisplayErrorContext(&e)
-        )),
+        None => match status {
+            // An answer the SDK could not parse as an error (e.g. a proxy's 503 page): keep its status.
+            Some(s) if (500..600).contains(&s) => DynamoErrorBody {
+                status: s,
+                type_: "com.amazonaws.dynamodb.v20120810#ServiceUnavailable".into(),
+                message: format!("DynamoDB answered {s}"),
+            },
+            _ => DynamoErrorBody::internal(format!(
+                "the statelock gateway could not reach DynamoDB: {}",
+                aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+            )),
+        },
     }
 }
 
@@ -325,7 +335,7 @@ async fn client_for(gw: &Gateway, source: &LockSource) -> Result<aws_sdk_dynamod
     }
     let creds = dynamo::source_credentials::for_source(&gw.client, source).await.map_err(DynamoErrorBody::internal)?;
     let d = &source.spec.dynamodb;
-    let c = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
+    let c = dynamo::passthrough_client(&d.region, d.endpoint.as_deref(), creds).await;
     gw.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, c.clone());
     Ok(c)
 }
