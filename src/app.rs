@@ -1,7 +1,7 @@
 //! The one place that knows everything: builds the clients and the shutdown signal, checks the
 //! cluster, and starts the servers and controllers. Other modules never reach across each other.
 
-use std::{fs, io, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{fs, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use kube::{
     Client,
@@ -16,6 +16,7 @@ use crate::{
     cli::GatewayBackend,
     cli::{CrdsArgs, RunArgs},
     crd, expiry, gateway,
+    leader::{self, Leadership},
     metrics::Metrics,
     mirror,
 };
@@ -83,16 +84,44 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     readiness.open("crds");
     info!("statelock CRDs are installed");
 
+    // Shutdown order: the gateway stops accepting and finishes its calls, the mirror and the
+    // expiry controller stop, then the Lease is handed back, then the admin server stops.
     let shutdown = CancellationToken::new();
+    let lease_shutdown = CancellationToken::new();
+    let admin_shutdown = CancellationToken::new();
     let listener = admin::bind(args.admin_addr).await.map_err(|source| RunError::BindAdmin { addr: args.admin_addr, source })?;
     info!(addr = %args.admin_addr, "admin server listening");
     let metrics = Metrics::new();
-    let admin = tokio::spawn(admin::serve(listener, readiness.clone(), metrics.clone(), shutdown.clone()));
+    let admin = tokio::spawn(admin::serve(listener, readiness.clone(), metrics.clone(), admin_shutdown.clone()));
+
+    let (leadership, election) = if args.leader_election {
+        let namespace = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        let config = leader::LeaseConfig::new(&args.lease_name, namespace, &args.pod_name, args.lease_duration);
+        info!(lease = %config.name, namespace = %config.namespace, identity = %config.identity, "leader election on");
+        let gauge = metrics.leader.clone();
+        let (l, task) = leader::start(client.clone(), config, lease_shutdown.clone(), move |leading| {
+            gauge.set(i64::from(leading));
+        });
+        (l, Some(task))
+    } else {
+        info!("leader election off: this process acts alone");
+        metrics.leader.set(1);
+        (Leadership::always(), None)
+    };
 
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
-    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone()));
+    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leadership.clone()));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
-    let expiry = tokio::spawn(expiry::controller::run(client.clone(), recorder.clone(), readiness.clone(), shutdown.clone()));
+    let expiry = tokio::spawn(expiry::controller::run(
+        expiry::controller::Deps {
+            client: client.clone(),
+            recorder: recorder.clone(),
+            metrics: metrics.clone(),
+            leader: leadership.clone(),
+        },
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     let gateway = match args.gateway_addr {
         Some(addr) => Some(start_gateway(&client, recorder, &args, addr, &metrics, &readiness, &shutdown).await?),
         None => None,
@@ -100,22 +129,31 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     wait_for_termination().await.map_err(RunError::Signals)?;
     info!("termination signal received; shutting down");
+    readiness.close("shutdown", "shutting down");
     shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
     if let Some(g) = gateway {
         // axum's graceful shutdown: stop accepting, finish the requests in flight.
-        match tokio::time::timeout(args.shutdown_timeout, g).await {
+        match tokio::time::timeout_at(deadline, g).await {
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the gateway failed"),
             Err(_) => tracing::warn!("the gateway did not finish its requests in time"),
             _ => {}
         }
     }
-    if tokio::time::timeout(args.shutdown_timeout, async { (mirror.await, expiry.await) }).await.is_err() {
+    if tokio::time::timeout_at(deadline, async { (mirror.await, expiry.await) }).await.is_err() {
         tracing::warn!(timeout = ?args.shutdown_timeout, "the mirror or the expiry controller did not stop in time");
     }
-    match tokio::time::timeout(args.shutdown_timeout, admin).await {
+    lease_shutdown.cancel();
+    if let Some(task) = election
+        && tokio::time::timeout_at(deadline, task).await.is_err()
+    {
+        tracing::warn!("the Lease was not handed back in time; another replica takes over when it expires");
+    }
+    admin_shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(2), admin).await {
         Ok(Ok(result)) => result.map_err(RunError::ServeAdmin)?,
         Ok(Err(join)) => tracing::error!(error = %join, "admin server task failed"),
-        Err(_) => tracing::warn!(timeout = ?args.shutdown_timeout, "admin server did not stop in time"),
+        Err(_) => tracing::warn!("admin server did not stop in time"),
     }
     info!("stopped");
     Ok(())
@@ -127,7 +165,7 @@ async fn start_gateway(
     recorder: Recorder,
     args: &RunArgs,
     addr: SocketAddr,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<io::Result<()>>, RunError> {
@@ -139,7 +177,7 @@ async fn start_gateway(
         GatewayBackend::Memory => gateway::server::Backend::Memory(Arc::new(gateway::memory::MemoryTables::default())),
     };
     let config = gateway::effects::EffectsConfig { waiter_timeout: args.gateway_waiter_timeout, ..Default::default() };
-    let gw = gateway::server::Gateway::new(client.clone(), recorder, backend, metrics.gateway.clone(), config);
+    let gw = gateway::server::Gateway::new(client.clone(), recorder, backend, metrics.clone(), config);
     {
         let (gw, readiness) = (gw.clone(), readiness.clone());
         tokio::spawn(async move {

@@ -63,7 +63,7 @@ pub struct CrdsArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Address of the admin server (`/livez`, `/readyz`).
+    /// Address of the admin server (`/livez`, `/readyz`, `/metrics`).
     #[arg(long, env = "STATELOCK_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,
 
@@ -87,6 +87,24 @@ pub struct RunArgs {
     /// How long to wait for in-flight work after SIGTERM before exiting anyway.
     #[arg(long, env = "STATELOCK_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Elect a leader among replicas on a Lease: only the leader mirrors, expires and writes
+    /// status (`--leader-election=false` makes this process act alone).
+    #[arg(long, env = "STATELOCK_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "STATELOCK_LEASE_NAME", default_value = "statelock")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (default: the kubeconfig's namespace, in a pod its own).
+    #[arg(long, env = "STATELOCK_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a leader that stopped renewing keeps the Lease before another replica takes
+    /// over; the leader itself stops writing after two thirds of it.
+    #[arg(long, env = "STATELOCK_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -20,6 +20,7 @@ pub mod crd;
 pub mod dynamo;
 pub mod expiry;
 pub mod gateway;
+pub mod leader;
 pub mod metrics;
 pub mod mirror;
 pub mod reasons;

@@ -15,6 +15,67 @@ use prometheus_client::{
 pub struct Metrics {
     registry: Registry,
     pub gateway: GatewayMetrics,
+    pub locks: LockMetrics,
+    pub controllers: ControllerMetrics,
+    /// 1 while this replica leads.
+    pub leader: Gauge,
+}
+
+/// What the mirror and the expiry controller see of the locks.
+#[derive(Clone)]
+pub struct LockMetrics {
+    /// Locks held now, per LockSource (as last read by the leader).
+    pub held: Family<SourceLabels, Gauge>,
+    /// Age of the oldest lock held now, per LockSource.
+    pub oldest_age: Family<SourceLabels, Gauge>,
+    /// How long released locks had been held.
+    pub hold_duration: Histogram,
+    /// Time from a lock's Created until its StateLock was first written by the mirror.
+    pub mirror_lag: Histogram,
+    /// DynamoDB read capacity units consumed by the mirror, per LockSource.
+    pub read_units: Family<SourceLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Locks statelock released, by the evidence (or request) that allowed it.
+    pub expirations: Family<ExpirationLabels, Counter>,
+}
+
+/// Reconcile passes of the mirror and the expiry controller.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+}
+
+/// A LockSource: admin-declared and few, the one object identity used as a label (never a
+/// StateLock, pod or lock ID).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub namespace: String,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpirationLabels {
+    /// The evidence reason (`PodDeleted`, `ContainerRestarted`, ..) or `ForceUnlock`.
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ControllerName {
+    mirror,
+    expiry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: ControllerName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: ControllerName,
+    /// A stable error category (`TableUnreadable`, `KubernetesApiError`, ..).
+    pub category: String,
 }
 
 /// The gateway's metrics.
@@ -88,6 +149,11 @@ fn request_buckets() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 9))
 }
 
+fn reconcile_buckets() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 9))
+}
+
 fn wait_buckets() -> Histogram {
     // 1 s .. ~68 min: Terraform retries 1, 2, 4 .. 16 s apart, and applies can take an hour.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 13))
@@ -129,7 +195,53 @@ impl Default for Metrics {
             gateway.effects_dropped.clone(),
         );
         g.register("effects_failed", "Gateway Kubernetes updates that failed (the mirror catches up)", gateway.effects_failed.clone());
-        Self { registry, gateway }
+
+        let locks = LockMetrics {
+            held: Family::default(),
+            oldest_age: Family::default(),
+            hold_duration: wait_buckets(),
+            mirror_lag: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.05, 2.0, 12)),
+            read_units: Family::default(),
+            expirations: Family::default(),
+        };
+        let seconds = prometheus_client::registry::Unit::Seconds;
+        registry.register("locks_held", "Locks held now, per LockSource (as last read by the leader)", locks.held.clone());
+        registry.register_with_unit(
+            "lock_oldest_age",
+            "Age of the oldest lock held now, per LockSource",
+            seconds.clone(),
+            locks.oldest_age.clone(),
+        );
+        registry.register_with_unit("lock_hold", "How long released locks had been held", seconds.clone(), locks.hold_duration.clone());
+        registry.register_with_unit(
+            "mirror_lag",
+            "Time from a lock's Created until the mirror first wrote its StateLock",
+            seconds.clone(),
+            locks.mirror_lag.clone(),
+        );
+        registry.register(
+            "dynamodb_read_units",
+            "DynamoDB read capacity units consumed by the mirror, per LockSource",
+            locks.read_units.clone(),
+        );
+        registry.register("expirations", "Locks statelock released, by the evidence or request that allowed it", locks.expirations.clone());
+
+        let controllers =
+            ControllerMetrics { reconcile_duration: Family::new_with_constructor(reconcile_buckets), reconcile_errors: Family::default() };
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Duration of a mirror pass or an expiry reconcile",
+            seconds,
+            controllers.reconcile_duration.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed mirror passes and expiry reconciles, by error category",
+            controllers.reconcile_errors.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        Self { registry, gateway, locks, controllers, leader }
     }
 }
 

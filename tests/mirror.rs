@@ -174,8 +174,14 @@ async fn a_restarted_operator_creates_no_duplicates_and_no_spurious_events() {
     }
     let cluster = setup(&moto, "1s").await;
     let op = Operator::start(&cluster);
-    eventually(Duration::from_secs(30), "20 StateLocks", || async { (statelocks(&cluster).await.len() == 20).then_some(()) }).await;
-    // SIGKILL mid-sync: nothing graceful.
+    // Every StateLock complete: spec, the mirror's conditions and the controller's holder status.
+    eventually(Duration::from_secs(30), "20 complete StateLocks", || async {
+        let locks = statelocks(&cluster).await;
+        let complete = locks.iter().filter(|l| l.status.as_ref().is_some_and(|s| s.holder.is_some() && !s.conditions.is_empty())).count();
+        (complete == 20).then_some(())
+    })
+    .await;
+    // SIGKILL: nothing graceful.
     op.kill().await;
     let writes_before = cluster.emulator.writes("statelock.dev", "statelocks");
     let op2 = Operator::start(&cluster);

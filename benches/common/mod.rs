@@ -127,17 +127,20 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
     let src: LockSource = serde_json::from_value(json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": "bench", "namespace": "default"}, "spec": full})).expect("src");
     Api::<LockSource>::namespaced(client.clone(), "default").create(&PostParams::default(), &src).await.expect("LockSource");
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
-    let mirror = Arc::new(mirror::Context::new(client.clone(), recorder.clone()));
+    let metrics = statelock::metrics::Metrics::new();
+    let leader = statelock::leader::Leadership::always();
+    let mirror = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leader.clone()));
     let cancel = CancellationToken::new();
     tokio::spawn(mirror::run(mirror.clone(), Readiness::default(), cancel.clone()));
-    tokio::spawn(expiry::controller::run(client.clone(), recorder, Readiness::default(), cancel.clone()));
+    let deps = expiry::controller::Deps { client: client.clone(), recorder, metrics, leader };
+    tokio::spawn(expiry::controller::run(deps, Readiness::default(), cancel.clone()));
     Rig { emulator, client, mirror, cancel }
 }
 
 /// Start the gateway in-process on a free port, with its own caches, in front of `backend`.
 pub async fn gateway(rig: &Rig, backend: statelock::gateway::server::Backend) -> std::net::SocketAddr {
     let recorder = Recorder::new(rig.client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
-    let metrics = statelock::metrics::Metrics::default().gateway;
+    let metrics = statelock::metrics::Metrics::new();
     let gw = statelock::gateway::server::Gateway::new(rig.client.clone(), recorder, backend, metrics, Default::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

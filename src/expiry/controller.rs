@@ -43,16 +43,36 @@ use crate::{
         lock_item::{parse_created, split_who},
         release::{ReleaseOutcome, release_exact},
     },
+    leader::Leadership,
+    metrics::{ControllerLabels, ControllerName, ErrorLabels, ExpirationLabels, Metrics},
     reasons,
 };
+
+/// What the controller is given.
+#[derive(Clone)]
+pub struct Deps {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Every replica judges nothing and writes nothing unless it leads.
+    pub leader: Leadership,
+}
 
 /// Everything reconciles share.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub leader: Leadership,
     pub pods: Store<Pod>,
     pub sources: Store<LockSource>,
     pub pods_synced: AtomicBool,
+}
+
+impl Context {
+    fn ensure_leader(&self) -> Result<(), ExpiryError> {
+        if self.leader.is_leader() { Ok(()) } else { Err(ExpiryError::NotLeader) }
+    }
 }
 
 /// Why a reconcile failed (it is retried).
@@ -64,6 +84,8 @@ pub enum ExpiryError {
     Dynamo(#[from] dynamo::DynamoError),
     #[error("{0}")]
     Credentials(String),
+    #[error("this replica stopped leading; nothing written")]
+    NotLeader,
 }
 
 impl ExpiryError {
@@ -72,6 +94,7 @@ impl ExpiryError {
             Self::WriteStatus { .. } => "kubernetes_api",
             Self::Dynamo(e) => e.category(),
             Self::Credentials(_) => "credentials",
+            Self::NotLeader => "not_leader",
         }
     }
 }
@@ -115,7 +138,8 @@ fn policy(source: &LockSource) -> HolderPolicy {
 }
 
 /// Run the controller until `shutdown`.
-pub async fn run(client: Client, recorder: Recorder, readiness: Readiness, shutdown: CancellationToken) {
+pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) {
+    let Deps { client, recorder, metrics, leader } = deps;
     readiness.add_gate("pods", "syncing the pod cache");
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (sources, source_writer) = reflector::store::<LockSource>();
@@ -129,7 +153,24 @@ pub async fn run(client: Client, recorder: Recorder, readiness: Readiness, shutd
     let source_stream = reflector::reflector(source_writer, watcher(Api::<LockSource>::all(client.clone()), watcher::Config::default()))
         .default_backoff()
         .touched_objects();
-    let ctx = Arc::new(Context { client: client.clone(), recorder, pods: pods.clone(), sources, pods_synced: AtomicBool::new(false) });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        metrics,
+        leader: leader.clone(),
+        pods: pods.clone(),
+        sources,
+        pods_synced: AtomicBool::new(false),
+    });
+    // Gaining leadership re-judges every lock (followers skip their reconciles).
+    let gained = futures::stream::unfold(leader.changes(), |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            if *rx.borrow_and_update() {
+                return Some(((), rx));
+            }
+        }
+    });
     {
         let ctx = ctx.clone();
         let pods = pods.clone();
@@ -162,6 +203,7 @@ pub async fn run(client: Client, recorder: Recorder, readiness: Readiness, shutd
                 .map(|l| ObjectRef::from_obj(&*l))
                 .collect::<Vec<_>>()
         })
+        .reconcile_all_on(gained)
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -186,6 +228,23 @@ async fn direct_read(client: &Client, ns: &str, name: &str) -> DirectRead {
 }
 
 async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, ExpiryError> {
+    if !ctx.leader.is_leader() {
+        // The new leader re-judges everything when it takes over.
+        return Ok(Action::await_change());
+    }
+    let started = std::time::Instant::now();
+    let result = judge_and_act(lock, &ctx).await;
+    let controller = ControllerLabels { controller: ControllerName::expiry };
+    ctx.metrics.controllers.reconcile_duration.get_or_create(&controller).observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        let labels = ErrorLabels { controller: ControllerName::expiry, category: e.category().to_owned() };
+        ctx.metrics.controllers.reconcile_errors.get_or_create(&labels).inc();
+    }
+    result
+}
+
+async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Action, ExpiryError> {
+    let ctx = ctx.clone();
     let ns = lock.namespace().unwrap_or_default();
     let previous = lock.status.clone().unwrap_or_default();
     let source = ctx.sources.get(&ObjectRef::new(&lock.spec.source).within(&ns));
@@ -248,6 +307,7 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
             UnlockDecision::Release => match release(&ctx, &source, &lock).await? {
                 ReleaseOutcome::Released => {
                     phase = LockPhase::Released;
+                    ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: "ForceUnlock".into() }).inc();
                     publish(
                         &ctx,
                         &lock,
@@ -310,6 +370,8 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
             match outcome {
                 ReleaseOutcome::Released => {
                     phase = LockPhase::Released;
+                    let reason = verdict.evidence.as_ref().map_or("Unknown", |e| e.reason).to_owned();
+                    ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason }).inc();
                     let ev = verdict.evidence.as_ref().map(|e| e.message.clone()).unwrap_or_default();
                     let note = format!(
                         "released lock {} ({}) held by {}: {ev}",
@@ -358,6 +420,8 @@ async fn release(ctx: &Context, source: &LockSource, lock: &StateLock) -> Result
     let d = &source.spec.dynamodb;
     let creds = dynamo::source_credentials::for_source(&ctx.client, source).await.map_err(ExpiryError::Credentials)?;
     let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
+    // The last moment to notice that another replica may be judging this lock now.
+    ctx.ensure_leader()?;
     Ok(release_exact(&client, &d.table_name, &lock.spec.lock_id, sha).await?.0)
 }
 
@@ -430,6 +494,7 @@ async fn write_status(
         "status": {"observedGeneration": lock.metadata.generation, "phase": phase, "holder": holder},
     });
     let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+    ctx.ensure_leader()?;
     api.patch_status(&lock.name_any(), &PatchParams::apply(reasons::CONTROLLER_MANAGER).force(), &Patch::Apply(&body))
         .await
         .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;

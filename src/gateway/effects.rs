@@ -35,7 +35,7 @@ use super::caches::Caches;
 use crate::{
     crd::{LockSource, StateLock, state_lock_name},
     dynamo::lock_item::{LockRecord, parse_created, split_who, truncate},
-    metrics::{GatewayMetrics, WaitLabels, WaitOutcome},
+    metrics::{GatewayMetrics, LockMetrics, Metrics, WaitLabels, WaitOutcome},
     mirror::plan::{human, spec_for},
     reasons,
 };
@@ -118,6 +118,7 @@ pub struct Effects {
     recorder: Recorder,
     caches: Caches,
     metrics: GatewayMetrics,
+    locks: LockMetrics,
     config: EffectsConfig,
     inner: Mutex<Inner>,
     wake: Notify,
@@ -128,8 +129,17 @@ fn key_of(source: &LockSource, lock_id: &str) -> Key {
 }
 
 impl Effects {
-    pub fn new(client: Client, recorder: Recorder, caches: Caches, metrics: GatewayMetrics, config: EffectsConfig) -> Arc<Self> {
-        Arc::new(Self { client, recorder, caches, metrics, config, inner: Mutex::new(Inner::default()), wake: Notify::new() })
+    pub fn new(client: Client, recorder: Recorder, caches: Caches, metrics: &Metrics, config: EffectsConfig) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            recorder,
+            caches,
+            metrics: metrics.gateway.clone(),
+            locks: metrics.locks.clone(),
+            config,
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -495,6 +505,9 @@ impl Effects {
             .as_deref()
             .and_then(parse_created)
             .map(|c| ((Timestamp::now().as_nanosecond() - c) / 1_000_000_000) as i64);
+        if let Some(h) = held.filter(|h| *h >= 0) {
+            self.locks.hold_duration.observe(h as f64);
+        }
         let earlier = match releases {
             0 | 1 => String::new(),
             n => format!("; {} earlier releases since the last update", n - 1),

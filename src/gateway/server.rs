@@ -52,7 +52,7 @@ use crate::{
         self,
         lock_item::{TableItem, parse_item},
     },
-    metrics::{AttemptLabels, AttemptResult, GatewayMetrics, Operation, OperationLabels, RequestLabels},
+    metrics::{AttemptLabels, AttemptResult, Metrics, Operation, OperationLabels, RequestLabels},
     reasons,
 };
 
@@ -71,15 +71,15 @@ pub struct Gateway {
     caches: Caches,
     backend: Backend,
     effects: Arc<Effects>,
-    metrics: GatewayMetrics,
+    metrics: Arc<Metrics>,
     clients: Mutex<HashMap<String, aws_sdk_dynamodb::Client>>,
 }
 
 impl Gateway {
     /// A gateway with its own pod and LockSource caches (started here).
-    pub fn new(client: Client, recorder: Recorder, backend: Backend, metrics: GatewayMetrics, config: EffectsConfig) -> Arc<Self> {
+    pub fn new(client: Client, recorder: Recorder, backend: Backend, metrics: Arc<Metrics>, config: EffectsConfig) -> Arc<Self> {
         let caches = Caches::start(&client);
-        let effects = Effects::new(client.clone(), recorder.clone(), caches.clone(), metrics.clone(), config);
+        let effects = Effects::new(client.clone(), recorder.clone(), caches.clone(), &metrics, config);
         Arc::new(Self { client, recorder, caches, backend, effects, metrics, clients: Mutex::new(HashMap::new()) })
     }
 
@@ -199,8 +199,8 @@ async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<S
             Ok(_) => "ok".to_owned(),
             Err(e) => e.code().to_owned(),
         };
-        gw.metrics.requests.get_or_create(&RequestLabels { operation, result: outcome }).inc();
-        gw.metrics.request_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
+        gw.metrics.gateway.requests.get_or_create(&RequestLabels { operation, result: outcome }).inc();
+        gw.metrics.gateway.request_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
         respond(result)
     }
     .instrument(span)
@@ -244,7 +244,7 @@ fn note_effects(
             }
             let TableItem::Lock(record) = parse_item(&convert::item_to_sdk(item)) else { return };
             let result = if contended { AttemptResult::contended } else { AttemptResult::granted };
-            gw.metrics.lock_attempts.get_or_create(&AttemptLabels { result }).inc();
+            gw.metrics.gateway.lock_attempts.get_or_create(&AttemptLabels { result }).inc();
             if contended {
                 gw.effects.contended(source, &record, pod);
             } else {

@@ -47,6 +47,8 @@ use crate::{
         lock_item::{LockRecord, TableItem},
         streams::{ItemChange, StreamError, StreamReader},
     },
+    leader::Leadership,
+    metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, SourceLabels},
     reasons,
 };
 
@@ -59,18 +61,27 @@ const STREAMS_FULL_RESYNC: Duration = Duration::from_secs(3600);
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Only the leader reads tables and writes; every replica watches LockSources.
+    pub leader: Leadership,
     /// Table read capacity consumed so far, in thousandths of an RCU, counted as DynamoDB bills
     /// it (see [`dynamo::capacity`]); stream reads are billed separately and not counted here.
     pub read_units_milli: AtomicU64,
 }
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder) -> Self {
-        Self { client, recorder, read_units_milli: AtomicU64::new(0) }
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, leader: Leadership) -> Self {
+        Self { client, recorder, metrics, leader, read_units_milli: AtomicU64::new(0) }
     }
 
-    fn add_read_units(&self, units: f64) {
+    fn add_read_units(&self, source: &LockSource, units: f64) {
         self.read_units_milli.fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+        self.metrics.locks.read_units.get_or_create(&source_labels(source)).inc_by(units);
+    }
+
+    /// Fail unless this replica leads now; checked right before every write.
+    fn ensure_leader(&self) -> Result<(), SyncError> {
+        if self.leader.is_leader() { Ok(()) } else { Err(SyncError::NotLeader) }
     }
 
     /// Table read capacity consumed so far.
@@ -96,6 +107,8 @@ pub enum SyncError {
     ApplyStateLock { name: String, error: kube::Error },
     #[error("failed to delete StateLock {name}: {error}")]
     DeleteStateLock { name: String, error: kube::Error },
+    #[error("this replica stopped leading; writes left to the new leader")]
+    NotLeader,
 }
 
 impl SyncError {
@@ -107,6 +120,7 @@ impl SyncError {
             Self::StreamNotEnabled { .. } => "StreamNotEnabled",
             Self::Stream(_) => "StreamUnreadable",
             Self::ListStateLocks { .. } | Self::ApplyStateLock { .. } | Self::DeleteStateLock { .. } => "KubernetesApiError",
+            Self::NotLeader => "NotLeader",
         }
     }
 }
@@ -119,34 +133,88 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// Watch LockSources and run one sync task per source until `shutdown`.
+fn source_labels(source: &LockSource) -> SourceLabels {
+    SourceLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any() }
+}
+
+/// Watch LockSources on every replica; while this replica leads, run one sync task per source
+/// until `shutdown`.
+///
+/// Readiness: `locksources` opens once the LockSources were listed; `dynamodb` once one table
+/// could be read (a DescribeTable on every replica, so followers are checked too), or at once
+/// when there are no LockSources. One broken LockSource does not hold the operator back: it
+/// reports itself in its own Ready condition.
 pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: CancellationToken) {
     readiness.add_gate("locksources", "listing LockSources");
+    readiness.add_gate("dynamodb", "no LockSource's DynamoDB table has been read yet");
     let api: Api<LockSource> = Api::all(ctx.client.clone());
     let events = watcher(api, watcher::Config::default()).default_backoff();
     pin_mut!(events);
+    let mut lead = ctx.leader.changes();
+    let mut lead_open = true;
+    let mut known: HashMap<SourceKey, LockSource> = HashMap::new();
+    let mut probed: HashMap<SourceKey, String> = HashMap::new();
     let mut running: HashMap<SourceKey, Running> = HashMap::new();
     let mut seen: Vec<SourceKey> = Vec::new();
+    let dynamo_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let event = tokio::select! {
             e = events.next() => e,
+            changed = lead.changed(), if lead_open => {
+                if changed.is_err() {
+                    lead_open = false;
+                } else if *lead.borrow_and_update() {
+                    info!(sources = known.len(), "leading: starting the mirror");
+                    for src in known.values() {
+                        ensure(&ctx, &mut running, src.clone());
+                    }
+                } else {
+                    info!("no longer leading: stopping the mirror");
+                    for k in running.keys().cloned().collect::<Vec<_>>() {
+                        stop(&mut running, &k).await;
+                    }
+                }
+                continue;
+            }
             () = shutdown.cancelled() => break,
+        };
+        let apply = |src: LockSource,
+                     known: &mut HashMap<SourceKey, LockSource>,
+                     probed: &mut HashMap<SourceKey, String>,
+                     running: &mut HashMap<SourceKey, Running>| {
+            let k = key(&src);
+            if probed.get(&k) != Some(&fingerprint(&src)) {
+                probed.insert(k.clone(), fingerprint(&src));
+                tokio::spawn(probe(ctx.clone(), src.clone(), readiness.clone(), dynamo_ok.clone()));
+            }
+            if ctx.leader.is_leader() {
+                ensure(&ctx, running, src.clone());
+            }
+            known.insert(k, src);
         };
         match event {
             Some(Ok(watcher::Event::Init)) => seen.clear(),
             Some(Ok(watcher::Event::InitApply(src))) => {
                 seen.push(key(&src));
-                ensure(&ctx, &mut running, src);
+                apply(src, &mut known, &mut probed, &mut running);
             }
             Some(Ok(watcher::Event::InitDone)) => {
-                let stale: Vec<SourceKey> = running.keys().filter(|k| !seen.contains(k)).cloned().collect();
+                let stale: Vec<SourceKey> = known.keys().filter(|k| !seen.contains(k)).cloned().collect();
                 for k in stale {
+                    forget(&ctx, &mut known, &mut probed, &k);
                     stop(&mut running, &k).await;
                 }
                 readiness.open("locksources");
+                if known.is_empty() {
+                    readiness.open("dynamodb");
+                }
             }
-            Some(Ok(watcher::Event::Apply(src))) => ensure(&ctx, &mut running, src),
-            Some(Ok(watcher::Event::Delete(src))) => stop(&mut running, &key(&src)).await,
+            Some(Ok(watcher::Event::Apply(src))) => apply(src, &mut known, &mut probed, &mut running),
+            Some(Ok(watcher::Event::Delete(src))) => {
+                let k = key(&src);
+                forget(&ctx, &mut known, &mut probed, &k);
+                stop(&mut running, &k).await;
+            }
             Some(Err(e)) => warn!(error = %e, "LockSource watch failed; retrying"),
             None => break,
         }
@@ -156,13 +224,54 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
     }
 }
 
+fn forget(ctx: &Context, known: &mut HashMap<SourceKey, LockSource>, probed: &mut HashMap<SourceKey, String>, k: &SourceKey) {
+    known.remove(k);
+    probed.remove(k);
+    let labels = SourceLabels { namespace: k.0.clone(), source: k.1.clone() };
+    ctx.metrics.locks.held.remove(&labels);
+    ctx.metrics.locks.oldest_age.remove(&labels);
+}
+
+/// One DescribeTable (free of read capacity) to learn that DynamoDB can be reached with this
+/// source's credentials; opens the `dynamodb` readiness gate on the first success.
+async fn probe(ctx: Arc<Context>, source: LockSource, readiness: Readiness, dynamo_ok: Arc<std::sync::atomic::AtomicBool>) {
+    if dynamo_ok.load(Ordering::SeqCst) {
+        return;
+    }
+    let result = match credentials(&ctx, &source).await {
+        Ok(creds) => {
+            let d = &source.spec.dynamodb;
+            let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
+            dynamo::stream_arn(&client, &d.table_name).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(()) => {
+            if !dynamo_ok.swap(true, Ordering::SeqCst) {
+                readiness.open("dynamodb");
+            }
+        }
+        Err(e) => {
+            warn!(source = %source.name_any(), error = %e, "could not read the LockSource's table");
+            if !dynamo_ok.load(Ordering::SeqCst) {
+                readiness.close("dynamodb", format!("no LockSource's DynamoDB table has been read yet; last error: {e}"));
+            }
+        }
+    }
+}
+
 fn key(src: &LockSource) -> SourceKey {
     (src.namespace().unwrap_or_default(), src.name_any())
 }
 
+fn fingerprint(src: &LockSource) -> String {
+    format!("{}/{}", src.uid().unwrap_or_default(), serde_json::to_string(&src.spec).unwrap_or_default())
+}
+
 fn ensure(ctx: &Arc<Context>, running: &mut HashMap<SourceKey, Running>, src: LockSource) {
     let k = key(&src);
-    let fingerprint = format!("{}/{}", src.uid().unwrap_or_default(), serde_json::to_string(&src.spec).unwrap_or_default());
+    let fingerprint = fingerprint(&src);
     if running.get(&k).is_some_and(|r| r.fingerprint == fingerprint) {
         return;
     }
@@ -201,11 +310,28 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
     let interval = source.spec.sync.interval.get().max(Duration::from_secs(1));
     let mut state = SourceState::default();
     info!(interval = ?interval, mode = ?source.spec.sync.mode, "syncing LockSource");
+    let controller = ControllerLabels { controller: ControllerName::mirror };
     loop {
+        let started = Instant::now();
         let result = tokio::select! {
             r = sync_once(&ctx, &source, &mut state) => r,
             () = cancel.cancelled() => return,
         };
+        ctx.metrics.controllers.reconcile_duration.get_or_create(&controller).observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(pass) => {
+                let labels = source_labels(&source);
+                ctx.metrics.locks.held.get_or_create(&labels).set(i64::from(pass.locks));
+                let now = Timestamp::now().as_nanosecond();
+                let oldest =
+                    state.table.values().filter_map(|r| r.info.created.as_deref().and_then(dynamo::lock_item::parse_created)).min();
+                ctx.metrics.locks.oldest_age.get_or_create(&labels).set(oldest.map_or(0, |c| ((now - c).max(0) / 1_000_000_000) as i64));
+            }
+            Err(e) => {
+                let category = e.reason().to_owned();
+                ctx.metrics.controllers.reconcile_errors.get_or_create(&ErrorLabels { controller: ControllerName::mirror, category }).inc();
+            }
+        }
         let status = match &result {
             Ok(pass) => ready_status(
                 &source,
@@ -291,7 +417,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     }
     if full_scan {
         let scan = dynamo::scan_table(&clients.table, table).await?;
-        ctx.add_read_units(scan.read_units);
+        ctx.add_read_units(source, scan.read_units);
         state.table.clear();
         for item in &scan.items {
             match dynamo::lock_item::parse_item(item) {
@@ -328,7 +454,7 @@ async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceSta
             ItemChange::Touched(lock_id) => {
                 let Some((_, clients)) = &state.clients else { continue };
                 let (item, units) = dynamo::get_item(&clients.table, &table, &lock_id).await?;
-                ctx.add_read_units(units);
+                ctx.add_read_units(source, units);
                 if item.is_none() {
                     state.table.remove(&lock_id);
                 }
@@ -397,8 +523,15 @@ async fn execute(
     });
     let pp = PatchParams::apply(reasons::MIRROR_MANAGER).force();
     for u in &p.upserts {
+        ctx.ensure_leader()?;
         let mut obj = existing.iter().find(|e| e.name_any() == u.name).cloned();
         if u.write_spec {
+            if obj.is_none()
+                && let Some(created) = u.spec.lock_info.created.as_deref().and_then(dynamo::lock_item::parse_created)
+            {
+                let lag = (now.as_nanosecond() - created).max(0) as f64 / 1e9;
+                ctx.metrics.locks.mirror_lag.observe(lag);
+            }
             let body = json!({
                 "apiVersion": "statelock.dev/v1alpha1",
                 "kind": "StateLock",
@@ -439,6 +572,10 @@ async fn execute(
         }
     }
     for r in &p.removals {
+        ctx.ensure_leader()?;
+        if let Some(h) = r.held_for_secs.filter(|h| *h >= 0) {
+            ctx.metrics.locks.hold_duration.observe(h as f64);
+        }
         if let Some(obj) = existing.iter().find(|e| e.name_any() == r.name) {
             let held = r.held_for_secs.map(plan::human).unwrap_or_else(|| "an unknown time".into());
             publish(ctx, obj, reasons::LOCK_RELEASED, false, &format!("lock on {} released after {held}", r.lock_id)).await;
@@ -543,6 +680,9 @@ async fn write_source_status(
         && old.status == new.status
     {
         new.last_transition_time = old.last_transition_time.clone();
+    }
+    if !ctx.leader.is_leader() {
+        return Ok(());
     }
     let api: Api<LockSource> = Api::namespaced(ctx.client.clone(), &source.namespace().unwrap_or_default());
     let body =

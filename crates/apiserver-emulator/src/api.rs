@@ -49,11 +49,26 @@ pub struct Faults {
     pub latency_ms: u64,
 }
 
+/// One authorized (or refused) resource request, as the apiserver's audit log would record it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub user: String,
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    pub allowed: bool,
+}
+
 /// State behind one lock.
 pub struct State {
     pub store: Store,
     pub registry: Registry,
     pub faults: Faults,
+    /// Resource requests in arrival order (kept only with RBAC on, bounded).
+    pub audit: std::collections::VecDeque<AuditRecord>,
     uid_counter: u64,
     random: u64,
 }
@@ -192,8 +207,14 @@ const CONTINUE_TOO_OLD: &str = "The provided continue parameter is too old to di
 impl Api {
     pub fn new(options: Options, clock: Clock) -> Self {
         let random = clock.now_nanos() as u64 ^ (std::process::id() as u64) << 32;
-        let mut state =
-            State { store: Store::new(options.history), registry: Registry::default(), faults: Faults::default(), uid_counter: 0, random };
+        let mut state = State {
+            store: Store::new(options.history),
+            registry: Registry::default(),
+            faults: Faults::default(),
+            audit: Default::default(),
+            uid_counter: 0,
+            random,
+        };
         let api_clock = clock.clone();
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let rt = state.registry.get("", "v1", "namespaces").cloned().expect("namespaces are built in");
@@ -218,6 +239,15 @@ impl Api {
     /// Lock the state.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Append to the audit log (bounded: the oldest records go first).
+    pub fn record_audit(&self, record: AuditRecord) {
+        let mut st = self.lock();
+        if st.audit.len() >= 100_000 {
+            st.audit.pop_front();
+        }
+        st.audit.push_back(record);
     }
 
     /// Resolve a type.

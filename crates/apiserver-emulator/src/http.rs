@@ -228,19 +228,40 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (&Method::DELETE, None, _) => "deletecollection",
         _ => return Err(status::method_not_supported(&rt.qualified(), method.as_str())),
     };
-    shared.authz.authorize(
-        &shared.api,
-        &user,
-        &rbac::Attributes {
-            verb,
-            group: &rt.group,
-            resource: &rt.plural,
-            subresource: sub.unwrap_or_default(),
-            namespace: ns.unwrap_or_default(),
-            name: name.unwrap_or_default(),
-        },
-        &rt,
-    )?;
+    let attributes = |verb| rbac::Attributes {
+        verb,
+        group: &rt.group,
+        resource: &rt.plural,
+        subresource: sub.unwrap_or_default(),
+        namespace: ns.unwrap_or_default(),
+        name: name.unwrap_or_default(),
+    };
+    let authorize = |verb| {
+        let a = attributes(verb);
+        let result = shared.authz.authorize(&shared.api, &user, &a, &rt);
+        if matches!(shared.authz, rbac::Authorizer::Rbac { .. }) {
+            shared.api.record_audit(crate::api::AuditRecord {
+                user: user.name.clone(),
+                verb: verb.to_owned(),
+                group: a.group.to_owned(),
+                resource: a.resource.to_owned(),
+                subresource: a.subresource.to_owned(),
+                namespace: a.namespace.to_owned(),
+                name: a.name.to_owned(),
+                allowed: result.is_ok(),
+            });
+        }
+        result
+    };
+    authorize(verb)?;
+    // As the apiserver does: an apply that would create the object also needs `create`.
+    if verb == "patch"
+        && sub.is_none()
+        && PatchType::from_content_type(&content_type) == Some(PatchType::Apply)
+        && shared.api.get(&rt, ns.unwrap_or_default(), name.unwrap_or_default()).is_err()
+    {
+        authorize("create")?;
+    }
 
     let wp = WriteParams {
         field_manager: query.get("fieldManager").cloned(),

@@ -142,6 +142,11 @@ impl Emulator {
         self.api.lock().store.write_counts().values().sum()
     }
 
+    /// Resource requests so far (user, verb, resource, allowed), with RBAC on; the last 100,000.
+    pub fn audit(&self) -> Vec<api::AuditRecord> {
+        self.api.lock().audit.iter().cloned().collect()
+    }
+
     /// Watches refused with 410 Expired so far.
     pub fn expired_watches(&self) -> u64 {
         self.api.lock().store.expired_watches()

@@ -122,3 +122,34 @@ async fn cluster_roles_subresources_and_resource_names() {
         "{err:?}"
     );
 }
+
+/// As in the apiserver: `patch` alone lets a server-side apply change an existing object, but an
+/// apply that would create one is also authorized as `create`.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_that_creates_also_needs_create() {
+    let c = rbac_cluster().await;
+    let admin = client_with_token(&c, "admin-token");
+    let grant = |verbs: serde_json::Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "cm", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": verbs}]})
+    };
+    apply(&admin, grant(json!(["get", "patch"]))).await;
+    apply(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "runner-cm", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm"},
+        "subjects": [{"kind": "ServiceAccount", "name": "runner", "namespace": "default"}]})).await;
+    let runner: Api<ConfigMap> = Api::namespaced(client_with_token(&c, "runner-token"), "default");
+    let body = |v: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"v": v}});
+    let pp = PatchParams::apply("runner");
+    let err = runner.patch("x", &pp, &Patch::Apply(body("1"))).await.expect_err("apply-create needs create");
+    let kube::Error::Api(s) = err else { panic!("expected a Status, got {err:?}") };
+    assert_eq!(s.code, 403);
+    assert!(s.message.contains("cannot create resource \"configmaps\""), "{}", s.message);
+    // Once the object exists, patch suffices.
+    Api::<ConfigMap>::namespaced(admin.clone(), "default").patch("x", &pp, &Patch::Apply(body("0"))).await.expect("admin creates");
+    runner.patch("x", &PatchParams::apply("runner").force(), &Patch::Apply(body("2"))).await.expect("apply to an existing object");
+    apply(&admin, grant(json!(["get", "patch", "create"]))).await;
+    runner
+        .patch("y", &pp, &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "y"}})))
+        .await
+        .expect("with create");
+}
