@@ -28,8 +28,13 @@ use kube::api::{Api, Patch, PatchParams};
 pub struct TestCluster {
     pub emulator: Emulator,
     pub dir: tempfile::TempDir,
+    /// A kubeconfig for child processes (with the admin token when RBAC is on).
     pub kubeconfig: PathBuf,
+    admin_token: Option<String>,
 }
+
+/// The admin token of [`TestCluster::start_rbac`].
+pub const ADMIN_TOKEN: &str = "admin-token";
 
 impl TestCluster {
     pub async fn start() -> Self {
@@ -37,17 +42,35 @@ impl TestCluster {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        let admin_token = matches!(config.authorizer, apiserver_emulator::Authorizer::Rbac { .. }).then(|| ADMIN_TOKEN.to_owned());
         let emulator = Emulator::start("127.0.0.1:0".parse().expect("addr"), config).await.expect("emulator starts");
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = dir.path().join("kubeconfig");
-        emulator.write_kubeconfig(&kubeconfig, None).expect("write kubeconfig");
-        Self { emulator, dir, kubeconfig }
+        emulator.write_kubeconfig(&kubeconfig, admin_token.as_deref()).expect("write kubeconfig");
+        Self { emulator, dir, kubeconfig, admin_token }
     }
 
-    /// A kube client for the emulator, with retries off so that faults surface.
+    /// An emulator with RBAC on: [`ADMIN_TOKEN`] is a cluster admin, and each `(token, user)`
+    /// authenticates as that user (e.g. a service account).
+    pub async fn start_rbac(tokens: &[(&str, apiserver_emulator::User)]) -> Self {
+        let mut map: std::collections::HashMap<String, apiserver_emulator::User> =
+            tokens.iter().map(|(t, u)| ((*t).to_owned(), u.clone())).collect();
+        map.insert(ADMIN_TOKEN.to_owned(), apiserver_emulator::User::admin("admin"));
+        Self::start_with(Config { authorizer: apiserver_emulator::Authorizer::Rbac { tokens: map }, ..Config::default() }).await
+    }
+
+    /// A kubeconfig file that authenticates with `token`.
+    pub fn kubeconfig_for(&self, token: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("kubeconfig-{token}"));
+        self.emulator.write_kubeconfig(&path, Some(token)).expect("write kubeconfig");
+        path
+    }
+
+    /// A kube client for the emulator (as admin), with retries off so that faults surface.
     pub fn client(&self) -> kube::Client {
         let mut config = kube::Config::new(self.emulator.url().parse().expect("url"));
         config.default_namespace = "default".into();
+        config.auth_info.token = self.admin_token.clone().map(Into::into);
         kube::Client::try_from(config).expect("client")
     }
 
@@ -265,6 +288,19 @@ impl Operator {
         let mut cmd = statelock_command();
         cmd.env("STATELOCK_GATEWAY_ADDR", format!("127.0.0.1:{gateway_port}"));
         Self::start_with(cluster, cmd)
+    }
+
+    /// Spawn a fully prepared `statelock` command (arguments, environment, kubeconfig), its
+    /// stderr going to `log`; `admin_port` is where it serves /metrics and /readyz.
+    pub fn spawn(mut cmd: tokio::process::Command, admin_port: u16, log: &Path) -> Self {
+        let child = cmd.stderr(std::fs::File::create(log).expect("log file")).spawn().expect("spawn statelock");
+        Self { child, admin_port }
+    }
+
+    /// Whether /readyz answers 200.
+    pub fn ready(&self) -> bool {
+        let addr = format!("127.0.0.1:{}", self.admin_port);
+        std::net::TcpStream::connect(&addr).is_ok() && http_request("GET", &format!("http://{addr}/readyz"), "") == 200
     }
 
     /// Start with a prepared command (e.g. another AWS environment).
