@@ -77,7 +77,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let config = kube::Config::infer().await.map_err(RunError::LoadKubeConfig)?;
     info!(cluster_url = %config.cluster_url, "loaded Kubernetes configuration");
     let client = Client::try_from(config).map_err(RunError::BuildKubeClient)?;
+    run_with(client, args, wait_for_termination()).await
+}
 
+/// The operator with a given client, until `stop` resolves (SIGTERM/SIGINT for `run`).
+pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Future<Output = io::Result<()>>) -> Result<(), RunError> {
     let readiness = Readiness::default();
     readiness.add_gate("crds", "checking that the statelock CRDs are installed");
     ensure_crds_installed(&client).await?;
@@ -127,8 +131,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => None,
     };
 
-    wait_for_termination().await.map_err(RunError::Signals)?;
-    info!("termination signal received; shutting down");
+    stop.await.map_err(RunError::Signals)?;
+    info!("stopping");
     readiness.close("shutdown", "shutting down");
     shutdown.cancel();
     let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
@@ -205,7 +209,8 @@ pub async fn ensure_crds_installed(client: &Client) -> Result<(), RunError> {
     if missing.is_empty() { Ok(()) } else { Err(RunError::CrdsMissing(missing)) }
 }
 
-async fn wait_for_termination() -> io::Result<()> {
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn wait_for_termination() -> io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -1,4 +1,4 @@
-//! The command line: `statelock crds` and `statelock run`. Every flag can also be set through a
+//! The command line: `statelock crds`, `statelock run` and `statelock sandbox`. Every flag can also be set through a
 //! `STATELOCK_*` environment variable, which is how the Helm chart configures the operator.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -22,6 +22,25 @@ pub enum Command {
     Crds(CrdsArgs),
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
     Run(RunArgs),
+    /// Start everything on this machine: a Kubernetes API emulator with the CRDs, the operator,
+    /// the gateway on in-memory lock tables and an in-memory S3; prints what to run next.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Where to write the kubeconfig, the environment file and the backend block.
+    #[arg(long, env = "STATELOCK_SANDBOX_DIR", default_value = "statelock-sandbox")]
+    pub dir: PathBuf,
+
+    /// Play a short story with real Terraform processes (contention, a runner killed, its lock
+    /// released), then stop; exit 0 only if it played as it should.
+    #[arg(long, env = "STATELOCK_SANDBOX_DEMO")]
+    pub demo: bool,
+
+    /// The Terraform binary (for the demo, and to print a backend block that fits it).
+    #[arg(long, env = "STATELOCK_TERRAFORM", default_value = "terraform")]
+    pub terraform: PathBuf,
 }
 
 /// Logging options.

@@ -24,4 +24,5 @@ pub mod leader;
 pub mod metrics;
 pub mod mirror;
 pub mod reasons;
+pub mod sandbox;
 pub mod telemetry;

@@ -4,7 +4,11 @@ use clap::Parser;
 use statelock::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The sandbox prints its own story; its operator logs only warnings unless asked for more.
+    if matches!(cli.command, Command::Sandbox(_)) && std::env::var_os("STATELOCK_LOG").is_none() && cli.telemetry.log_filter == "info" {
+        cli.telemetry.log_filter = "warn".into();
+    }
     if let Err(err) = statelock::telemetry::init(&cli.telemetry) {
         eprintln!("error: invalid --log-filter: {err}");
         return ExitCode::from(2);
@@ -17,22 +21,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(err) => {
-                    eprintln!("error: failed to start the async runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(statelock::app::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!(error = %err, "statelock stopped");
-                    eprintln!("error: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Run(args) => block_on(statelock::app::run(args)),
+        Command::Sandbox(args) => block_on(statelock::sandbox::run(args)),
+    }
+}
+
+fn block_on<E: std::fmt::Display>(fut: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "statelock stopped");
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
         }
     }
 }

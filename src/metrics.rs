@@ -105,6 +105,8 @@ pub enum Operation {
     PutItem,
     GetItem,
     DeleteItem,
+    Scan,
+    DescribeTable,
     unknown,
 }
 

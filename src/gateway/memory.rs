@@ -53,6 +53,15 @@ impl MemoryTables {
         Ok(())
     }
 
+    /// Every item of `table`, in LockID order.
+    pub fn scan(&self, table: &str) -> Result<Vec<Item>, DynamoErrorBody> {
+        let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        let t = tables.get(table).ok_or_else(|| DynamoErrorBody::resource_not_found(table))?;
+        let mut items: Vec<(&String, &Item)> = t.iter().collect();
+        items.sort_by_key(|(k, _)| *k);
+        Ok(items.into_iter().map(|(_, v)| v.clone()).collect())
+    }
+
     pub fn get(&self, table: &str, key: &Item) -> Result<Option<Item>, DynamoErrorBody> {
         let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
         let t = tables.get(table).ok_or_else(|| DynamoErrorBody::resource_not_found(table))?;
@@ -70,11 +79,6 @@ impl MemoryTables {
         }
         t.remove(&k);
         Ok(())
-    }
-
-    /// Every item of a table (for the mirror's scan of an in-memory source).
-    pub fn scan(&self, table: &str) -> Option<Vec<Item>> {
-        self.tables.lock().unwrap_or_else(PoisonError::into_inner).get(table).map(|t| t.values().cloned().collect())
     }
 }
 

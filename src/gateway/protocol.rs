@@ -17,15 +17,40 @@ pub type Item = BTreeMap<String, Value>;
 /// A parsed request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request {
-    PutItem { table: String, item: Item, condition: Option<Condition> },
-    GetItem { table: String, key: Item, consistent: bool, projection: Option<Vec<String>> },
-    DeleteItem { table: String, key: Item, condition: Option<Condition> },
+    PutItem {
+        table: String,
+        item: Item,
+        condition: Option<Condition>,
+    },
+    GetItem {
+        table: String,
+        key: Item,
+        consistent: bool,
+        projection: Option<Vec<String>>,
+    },
+    DeleteItem {
+        table: String,
+        key: Item,
+        condition: Option<Condition>,
+    },
+    /// Served by the in-memory tables only (the sandbox's mirror reads them this way).
+    Scan {
+        table: String,
+    },
+    /// Served by the in-memory tables only.
+    DescribeTable {
+        table: String,
+    },
 }
 
 impl Request {
     pub fn table(&self) -> &str {
         match self {
-            Self::PutItem { table, .. } | Self::GetItem { table, .. } | Self::DeleteItem { table, .. } => table,
+            Self::PutItem { table, .. }
+            | Self::GetItem { table, .. }
+            | Self::DeleteItem { table, .. }
+            | Self::Scan { table }
+            | Self::DescribeTable { table } => table,
         }
     }
 
@@ -34,6 +59,8 @@ impl Request {
             Self::PutItem { .. } => "PutItem",
             Self::GetItem { .. } => "GetItem",
             Self::DeleteItem { .. } => "DeleteItem",
+            Self::Scan { .. } => "Scan",
+            Self::DescribeTable { .. } => "DescribeTable",
         }
     }
 
@@ -42,6 +69,7 @@ impl Request {
         let m = match self {
             Self::PutItem { item, .. } => item,
             Self::GetItem { key, .. } | Self::DeleteItem { key, .. } => key,
+            Self::Scan { .. } | Self::DescribeTable { .. } => return None,
         };
         m.get("LockID").and_then(|v| v.get("S")).and_then(Value::as_str)
     }
@@ -155,6 +183,8 @@ pub fn parse(target: &str, body: &[u8]) -> Result<Request, DynamoErrorBody> {
             })
         }
         "DeleteItem" => Ok(Request::DeleteItem { table: table.into(), key: item_of(obj.get("Key"), "key")?, condition }),
+        "Scan" => Ok(Request::Scan { table: table.into() }),
+        "DescribeTable" => Ok(Request::DescribeTable { table: table.into() }),
         other => Err(DynamoErrorBody::unknown_operation(other)),
     }
 }
@@ -245,6 +275,23 @@ pub fn info_of(item: &Item) -> Option<&str> {
     item.get("Info").and_then(|v| v.get("S")).and_then(Value::as_str)
 }
 
+/// A Scan's answer: every item in one page.
+pub fn scan_body(items: &[Item]) -> Value {
+    json!({"Items": items, "Count": items.len(), "ScannedCount": items.len()})
+}
+
+/// A DescribeTable answer for a lock table (key `LockID`, no stream).
+pub fn describe_body(table: &str, items: usize) -> Value {
+    json!({"Table": {
+        "TableName": table,
+        "TableStatus": "ACTIVE",
+        "KeySchema": [{"AttributeName": "LockID", "KeyType": "HASH"}],
+        "AttributeDefinitions": [{"AttributeName": "LockID", "AttributeType": "S"}],
+        "ItemCount": items,
+        "BillingModeSummary": {"BillingMode": "PAY_PER_REQUEST"},
+    }})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +325,7 @@ mod tests {
     #[test]
     fn malformed_requests_get_dynamodb_errors_not_panics() {
         for (target, body, code) in [
-            ("DynamoDB_20120810.Scan", "{\"TableName\":\"t\"}", "UnknownOperationException"),
+            ("DynamoDB_20120810.Query", "{\"TableName\":\"t\"}", "UnknownOperationException"),
             ("Bogus", "{}", "UnknownOperationException"),
             ("DynamoDB_20120810.PutItem", "{not json", "SerializationException"),
             ("DynamoDB_20120810.PutItem", "[]", "SerializationException"),
@@ -329,5 +376,17 @@ mod tests {
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), op in "PutItem|GetItem|DeleteItem|Query") {
             let _ = parse(&format!("DynamoDB_20120810.{op}"), &body);
         }
+    }
+
+    #[test]
+    fn scan_and_describe_table_parse_and_answer_like_dynamodb() {
+        assert_eq!(parse("DynamoDB_20120810.Scan", br#"{"TableName":"t"}"#), Ok(Request::Scan { table: "t".into() }));
+        assert_eq!(parse("DynamoDB_20120810.DescribeTable", br#"{"TableName":"t"}"#), Ok(Request::DescribeTable { table: "t".into() }));
+        assert_eq!(Request::Scan { table: "t".into() }.lock_id(), None);
+        let item: Item = [("LockID".to_owned(), json!({"S": "b/k"}))].into();
+        assert_eq!(scan_body(std::slice::from_ref(&item)), json!({"Items": [{"LockID": {"S": "b/k"}}], "Count": 1, "ScannedCount": 1}));
+        let d = describe_body("t", 3);
+        assert_eq!(d["Table"]["KeySchema"][0]["AttributeName"], "LockID");
+        assert!(d["Table"].get("StreamSpecification").is_none(), "no stream: the mirror scans");
     }
 }

@@ -180,6 +180,8 @@ async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<S
         "PutItem" => Operation::PutItem,
         "GetItem" => Operation::GetItem,
         "DeleteItem" => Operation::DeleteItem,
+        "Scan" => Operation::Scan,
+        "DescribeTable" => Operation::DescribeTable,
         _ => Operation::unknown,
     };
     let span = info_span!("gateway", %op, peer = %peer.ip(), lock_id = tracing::field::Empty);
@@ -280,6 +282,8 @@ fn memory_call(m: &MemoryTables, req: &Request) -> Result<(Value, Option<Item>),
             Ok((protocol::success_body(item.as_ref(), projection.as_deref()), item))
         }
         Request::DeleteItem { table, key, condition } => m.delete(table, key, condition.as_ref()).map(|()| (json!({}), None)),
+        Request::Scan { table } => m.scan(table).map(|items| (protocol::scan_body(&items), None)),
+        Request::DescribeTable { table } => m.scan(table).map(|items| (protocol::describe_body(table, items.len()), None)),
     }
 }
 
@@ -369,6 +373,10 @@ async fn forward(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(Va
             let item = out.item.as_ref().map(convert::item_from_sdk);
             Ok((protocol::success_body(item.as_ref(), None), item))
         }
+        Request::Scan { .. } | Request::DescribeTable { .. } => Err(DynamoErrorBody::unknown_operation(&format!(
+            "{} (the gateway forwards only PutItem, GetItem and DeleteItem to DynamoDB)",
+            req.operation()
+        ))),
         Request::DeleteItem { key, condition, .. } => {
             let (expr, names, values) = condition_sdk(condition.as_ref());
             db.delete_item()
