@@ -14,7 +14,7 @@ use common::{DynamoServer, Operator, TestCluster, eventually, free_port, put_ite
 use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
-    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 use statelock::crd::{HolderState, StateLock, state_lock_name};
@@ -405,14 +405,7 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
 
     // Mirror and expiry: a lock held by a live runner pod, then the pod dies.
     let pods: Api<Pod> = Api::namespaced(cluster.client(), RUNNERS);
-    let pod: Pod =
-        serde_json::from_value(json!({"metadata": {"name": "runner-1"}, "spec": {"containers": [{"name": "tf", "image": "tf"}]}}))
-            .expect("pod");
-    let created = pods.create(&PostParams::default(), &pod).await.expect("pod");
-    let started = created.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
-    pods.patch_status("runner-1", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Running", "containerStatuses": [{"name": "tf", "ready": true, "restartCount": 0, "image": "tf", "imageID": "", "state": {"running": {"startedAt": started}}}]}})))
-        .await
-        .expect("pod status");
+    cluster.running_pod(RUNNERS, "runner-1").await;
     let lock_id = "tfstate/app/terraform.tfstate";
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     put_item(

@@ -12,7 +12,7 @@ use common::{DynamoServer, Operator, TestCluster, eventually, free_port, metric,
 use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams},
 };
 use serde_json::json;
 use statelock::crd::{HolderState, StateLock, state_lock_name};
@@ -94,14 +94,7 @@ async fn the_follower_takes_over_within_the_lease_duration_and_never_writes_whil
 
     // A live holder: the leader mirrors the lock and judges it.
     let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    let pod: Pod =
-        serde_json::from_value(json!({"metadata": {"name": "runner-1"}, "spec": {"containers": [{"name": "tf", "image": "tf"}]}}))
-            .expect("pod");
-    let created = pods.create(&PostParams::default(), &pod).await.expect("pod");
-    let started = created.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
-    pods.patch_status("runner-1", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Running", "containerStatuses": [{"name": "tf", "ready": true, "restartCount": 0, "image": "tf", "imageID": "", "state": {"running": {"startedAt": started}}}]}})))
-        .await
-        .expect("pod status");
+    cluster.running_pod(NS, "runner-1").await;
     let lock_id = "tfstate/app/terraform.tfstate";
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     put_item(

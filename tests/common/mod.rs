@@ -96,6 +96,20 @@ impl TestCluster {
             .expect("create LockSource");
     }
 
+    /// A pod whose single container `tf` runs since the pod was created (as a kubelet reports it).
+    pub async fn running_pod(&self, namespace: &str, name: &str) -> k8s_openapi::api::core::v1::Pod {
+        use k8s_openapi::api::core::v1::Pod;
+        let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+        let pod: Pod = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "tf", "image": "tf"}]}}),
+        )
+        .expect("pod");
+        let created = pods.create(&kube::api::PostParams::default(), &pod).await.expect("create pod");
+        let started = created.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        let status = serde_json::json!({"status": {"phase": "Running", "containerStatuses": [{"name": "tf", "ready": true, "restartCount": 0, "image": "tf", "imageID": "", "state": {"running": {"startedAt": started}}}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.expect("pod status")
+    }
+
     /// Install statelock's CRDs the way a user would (server-side apply).
     pub async fn install_crds(&self) {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client());
