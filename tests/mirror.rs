@@ -463,3 +463,54 @@ async fn the_default_chain_takes_irsa_web_identity_credentials() {
     .await;
     op.stop().await;
 }
+
+/// `/readyz` waits for a first DynamoDB read, and `/metrics` then shows the mirror's figures.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_waits_for_dynamodb_and_metrics_show_the_mirror() {
+    let port = common::free_port();
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    cluster.create_lock_source(NS, "prod-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": endpoint}, "sync": {"mode": "Scan", "interval": "1s"}})).await;
+    let op = Operator::start(&cluster);
+    let readyz = |op: &Operator| {
+        let addr = format!("127.0.0.1:{}", op.admin_port);
+        std::net::TcpStream::connect(&addr).ok().map(|_| common::http_fetch("GET", &format!("http://{addr}/readyz"), ""))
+    };
+    // Nothing listens at the table's endpoint yet: not ready, and /readyz says why.
+    let (status, body) = eventually(Duration::from_secs(30), "a /readyz answer naming DynamoDB", || {
+        let r = readyz(&op).filter(|(_, b)| b.contains("dynamodb: no LockSource's DynamoDB table has been read yet; last error"));
+        async move { r }
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let moto = DynamoServer::moto_on(port);
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let id = "tfstate/app/terraform.tfstate";
+    put_item(
+        &db,
+        TABLE,
+        &[("LockID", id), ("Info", &terraform_info("1edde332-0dcf-0332-cbb0-ed1b3daf868d", "root@runner", id, "2026-11-26T13:02:20Z"))],
+    )
+    .await;
+    eventually(Duration::from_secs(30), "ready once the table can be read", || {
+        let ok = readyz(&op).is_some_and(|(s, _)| s == 200);
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let m = eventually(Duration::from_secs(30), "the mirror's metrics", || {
+        let m = op.metrics();
+        let held = common::metric(&m, "statelock_locks_held{namespace=\"terraform\",source=\"prod-locks\"}");
+        async move { (held == Some(1.0)).then_some(m) }
+    })
+    .await;
+    assert!(common::metric(&m, "statelock_dynamodb_read_units_total{namespace=\"terraform\",source=\"prod-locks\"}") > Some(0.0), "{m}");
+    assert!(common::metric(&m, "statelock_reconcile_duration_seconds_count{controller=\"mirror\"}") >= Some(1.0), "{m}");
+    assert_eq!(common::metric(&m, "statelock_mirror_lag_seconds_count"), Some(1.0), "{m}");
+    assert!(common::metric(&m, "statelock_lock_oldest_age_seconds{namespace=\"terraform\",source=\"prod-locks\"}") > Some(0.0), "{m}");
+    assert_eq!(common::metric(&m, "statelock_leader"), Some(1.0), "{m}");
+    assert!(m.ends_with("# EOF\n"), "OpenMetrics text");
+    op.stop().await;
+}

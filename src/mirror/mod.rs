@@ -153,7 +153,7 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
     let mut lead = ctx.leader.changes();
     let mut lead_open = true;
     let mut known: HashMap<SourceKey, LockSource> = HashMap::new();
-    let mut probed: HashMap<SourceKey, String> = HashMap::new();
+    let mut probed: HashMap<SourceKey, (String, CancellationToken)> = HashMap::new();
     let mut running: HashMap<SourceKey, Running> = HashMap::new();
     let mut seen: Vec<SourceKey> = Vec::new();
     let dynamo_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -180,12 +180,15 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
         };
         let apply = |src: LockSource,
                      known: &mut HashMap<SourceKey, LockSource>,
-                     probed: &mut HashMap<SourceKey, String>,
+                     probed: &mut HashMap<SourceKey, (String, CancellationToken)>,
                      running: &mut HashMap<SourceKey, Running>| {
             let k = key(&src);
-            if probed.get(&k) != Some(&fingerprint(&src)) {
-                probed.insert(k.clone(), fingerprint(&src));
-                tokio::spawn(probe(ctx.clone(), src.clone(), readiness.clone(), dynamo_ok.clone()));
+            if probed.get(&k).is_none_or(|(f, _)| *f != fingerprint(&src)) {
+                let cancel = shutdown.child_token();
+                if let Some((_, old)) = probed.insert(k.clone(), (fingerprint(&src), cancel.clone())) {
+                    old.cancel();
+                }
+                tokio::spawn(probe(ctx.clone(), src.clone(), readiness.clone(), dynamo_ok.clone(), cancel));
             }
             if ctx.leader.is_leader() {
                 ensure(&ctx, running, src.clone());
@@ -224,39 +227,57 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
     }
 }
 
-fn forget(ctx: &Context, known: &mut HashMap<SourceKey, LockSource>, probed: &mut HashMap<SourceKey, String>, k: &SourceKey) {
+fn forget(
+    ctx: &Context,
+    known: &mut HashMap<SourceKey, LockSource>,
+    probed: &mut HashMap<SourceKey, (String, CancellationToken)>,
+    k: &SourceKey,
+) {
     known.remove(k);
-    probed.remove(k);
+    if let Some((_, cancel)) = probed.remove(k) {
+        cancel.cancel();
+    }
     let labels = SourceLabels { namespace: k.0.clone(), source: k.1.clone() };
     ctx.metrics.locks.held.remove(&labels);
     ctx.metrics.locks.oldest_age.remove(&labels);
 }
 
-/// One DescribeTable (free of read capacity) to learn that DynamoDB can be reached with this
-/// source's credentials; opens the `dynamodb` readiness gate on the first success.
-async fn probe(ctx: Arc<Context>, source: LockSource, readiness: Readiness, dynamo_ok: Arc<std::sync::atomic::AtomicBool>) {
-    if dynamo_ok.load(Ordering::SeqCst) {
-        return;
-    }
-    let result = match credentials(&ctx, &source).await {
-        Ok(creds) => {
-            let d = &source.spec.dynamodb;
-            let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
-            dynamo::stream_arn(&client, &d.table_name).await.map(|_| ()).map_err(|e| e.to_string())
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    match result {
-        Ok(()) => {
-            if !dynamo_ok.swap(true, Ordering::SeqCst) {
-                readiness.open("dynamodb");
+/// DescribeTable (free of read capacity) until it succeeds, to learn that DynamoDB can be reached
+/// with this source's credentials; opens the `dynamodb` readiness gate on the first success of
+/// any source. Retried every 2 s; stops once the gate is open or the source changed or went.
+async fn probe(
+    ctx: Arc<Context>,
+    source: LockSource,
+    readiness: Readiness,
+    dynamo_ok: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) {
+    while !dynamo_ok.load(Ordering::SeqCst) {
+        let result = match credentials(&ctx, &source).await {
+            Ok(creds) => {
+                let d = &source.spec.dynamodb;
+                let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
+                dynamo::stream_arn(&client, &d.table_name).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                if !dynamo_ok.swap(true, Ordering::SeqCst) {
+                    readiness.open("dynamodb");
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(source = %source.name_any(), error = %e, "could not read the LockSource's table; retrying");
+                if !dynamo_ok.load(Ordering::SeqCst) {
+                    readiness.close("dynamodb", format!("no LockSource's DynamoDB table has been read yet; last error: {e}"));
+                }
             }
         }
-        Err(e) => {
-            warn!(source = %source.name_any(), error = %e, "could not read the LockSource's table");
-            if !dynamo_ok.load(Ordering::SeqCst) {
-                readiness.close("dynamodb", format!("no LockSource's DynamoDB table has been read yet; last error: {e}"));
-            }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {},
+            () = cancel.cancelled() => return,
         }
     }
 }
