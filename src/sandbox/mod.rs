@@ -241,7 +241,9 @@ pub async fn run(args: SandboxArgs) -> Result<(), SandboxError> {
     let operator = crate::app::run_with(client, run_args, stop).await;
     shutdown.cancel();
     let _ = s3_task.await;
-    emulator.stop().await;
+    // The emulator goes with the runtime, after the last watch of the operator's caches has
+    // stopped with it; stopping it first would only make those watches log reconnect errors.
+    drop(emulator);
     operator?;
     match demo {
         Some(task) => match task.await {
