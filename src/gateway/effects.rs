@@ -327,7 +327,9 @@ impl Effects {
                         inner.queued.remove(&key);
                         let pending = inner.pending.remove(&key);
                         let waiters = inner.waiters.get(&key).cloned().unwrap_or_default();
-                        inner.busy.insert(key.clone());
+                        if pending.is_some() {
+                            inner.busy.insert(key.clone());
+                        }
                         self.metrics.effects_queued.set(inner.pending.len() as i64);
                         Ok(pending.map(|p| (key, p, waiters)))
                     }
