@@ -600,3 +600,83 @@ async fn sixty_four_concurrent_clients_never_hold_one_lock_together() {
     }
     e.op.stop().await;
 }
+
+/// In process, with a tiny queue: a call is answered at once even when its Kubernetes update
+/// cannot be queued (the drop is counted), and a lock taken and released many times in a burst
+/// costs a handful of writes, ending in the right state.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_effects_queue_drops_and_counts_and_bursts_coalesce() {
+    use kube::runtime::events::{Recorder, Reporter};
+    use statelock::gateway::{effects::EffectsConfig, memory::MemoryTables, server};
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    cluster.create_lock_source(NS, "tf-locks", json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": "http://127.0.0.1:9"}, "sync": {"mode": "Scan", "interval": "1h"}, "gateway": {"allowedSourceRanges": ["127.0.0.1/32"]}})).await;
+    let client = cluster.client();
+    let metrics = statelock::metrics::Metrics::new();
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
+    let config = EffectsConfig { workers: 1, min_interval: Duration::from_secs(2), max_pending: 2, ..EffectsConfig::default() };
+    let gw = server::Gateway::new(
+        client.clone(),
+        recorder,
+        server::Backend::Memory(std::sync::Arc::new(MemoryTables::default())),
+        metrics.clone(),
+        config,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(server::serve(gw, listener, cancel.clone()));
+    let call = move |target: &'static str, body: serde_json::Value| {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let body = body.to_string();
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            write!(s, "POST / HTTP/1.1\r\nHost: gw\r\nX-Amz-Target: DynamoDB_20120810.{target}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("write");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0)
+        })
+    };
+    let put = |id: &str, lock_id: &str| {
+        let info = common::terraform_info(id, "root@ci", lock_id, "2026-11-26T13:00:00Z");
+        json!({"ConditionExpression": "attribute_not_exists(LockID)", "TableName": TABLE, "Item": {"LockID": {"S": lock_id}, "Info": {"S": info}}})
+    };
+    // Ten distinct locks at once: one is being written, two wait, the rest are dropped.
+    for i in 0..10 {
+        let lock_id = format!("tfstate/many{i}/terraform.tfstate");
+        assert_eq!(call("PutItem", put(&format!("id-{i}"), &lock_id)).await.expect("call"), 200, "answered at once");
+    }
+    let dropped = metrics.gateway.effects_dropped.get();
+    assert!(dropped >= 5, "updates beyond the queue are dropped and counted: {dropped}");
+    // A burst on one lock, once the queue has drained: 30 grants and 29 releases, ending held by
+    // the last grant.
+    let m = metrics.clone();
+    eventually(Duration::from_secs(10), "the queue to drain", || {
+        let empty = m.gateway.effects_queued.get() == 0;
+        async move { empty.then_some(()) }
+    })
+    .await;
+    let before = cluster.emulator.writes("statelock.dev", "statelocks");
+    let burst = "tfstate/burst/terraform.tfstate";
+    for i in 0..30 {
+        assert_eq!(call("PutItem", put(&format!("burst-{i}"), burst)).await.expect("call"), 200);
+        if i < 29 {
+            assert_eq!(call("DeleteItem", json!({"TableName": TABLE, "Key": {"LockID": {"S": burst}}})).await.expect("call"), 200);
+        }
+    }
+    let lock = eventually(Duration::from_secs(20), "the burst's final state", || async {
+        Api::<StateLock>::namespaced(cluster.client(), NS)
+            .get_opt(&state_lock_name(burst))
+            .await
+            .expect("get")
+            .filter(|l| l.spec.lock_info.id.as_deref() == Some("burst-29"))
+    })
+    .await;
+    assert_eq!(lock.spec.lock_id, burst);
+    let writes = cluster.emulator.writes("statelock.dev", "statelocks") - before;
+    println!("59 lock calls in a burst cost {writes} StateLock writes");
+    assert!(writes < 20, "a burst is coalesced, not written call by call: {writes} writes for 59 calls");
+    cancel.cancel();
+    let _ = served.await;
+}
