@@ -10,14 +10,14 @@ mod common;
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use apiserver_emulator::User;
-use common::{DynamoServer, Operator, TestCluster, eventually, free_port, put_item, python_tool, repo_root, terraform_info};
+use common::{DynamoServer, Operator, TestCluster, eventually, free_port, python_tool, repo_root, terraform_info};
 use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
     api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
-use statelock::crd::{HolderState, StateLock, state_lock_name};
+use statelock::crd::{StateLock, state_lock_name};
 
 const CHART: &str = "charts/statelock";
 const RELEASE: &str = "sl";
@@ -407,33 +407,12 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
     let pods: Api<Pod> = Api::namespaced(cluster.client(), RUNNERS);
     cluster.running_pod(RUNNERS, "runner-1").await;
     let lock_id = "tfstate/app/terraform.tfstate";
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    put_item(
-        &db,
-        TABLE,
-        &[("LockID", lock_id), ("Info", &terraform_info("1edde332-0dcf-0332-cbb0-ed1b3daf868d", "root@runner-1", lock_id, &now))],
-    )
-    .await;
+    common::take_lock(&db, TABLE, lock_id, "1edde332-0dcf-0332-cbb0-ed1b3daf868d", "root@runner-1").await;
+    common::wait_holder_alive(&cluster, RUNNERS, lock_id, "the lock mirrored and its holder judged alive").await;
     let locks: Api<StateLock> = Api::namespaced(cluster.client(), RUNNERS);
-    eventually(Duration::from_secs(30), "the lock mirrored and its holder judged alive", || async {
-        locks
-            .get_opt(&state_lock_name(lock_id))
-            .await
-            .expect("get")
-            .filter(|l| l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| h.state == HolderState::Alive))
-    })
-    .await;
     pods.delete("runner-1", &DeleteParams::default()).await.expect("delete pod");
     eventually(Duration::from_secs(30), "the dead holder's lock released", || async {
-        let item = db
-            .get_item()
-            .table_name(TABLE)
-            .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(lock_id.into()))
-            .consistent_read(true)
-            .send()
-            .await
-            .expect("get");
-        item.item.is_none().then_some(())
+        (!common::lock_item_exists(&db, TABLE, lock_id).await).then_some(())
     })
     .await;
 
@@ -459,16 +438,19 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
         locks.get_opt(&state_lock_name(gw_lock)).await.expect("get")
     })
     .await;
-    for _ in 0..2 {
-        assert_eq!(call("PutItem", put("bbbbbbbb-0000-0000-0000-000000000002", "root@ci-b")), 400);
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    }
+    // B retries as Terraform does (if faster), until its attempts form an event series.
     let events: Api<Event> = Api::namespaced(cluster.client(), RUNNERS);
-    eventually(Duration::from_secs(10), "a LockContended series", || async {
+    let mut attempts = 0;
+    loop {
+        assert_eq!(call("PutItem", put("bbbbbbbb-0000-0000-0000-000000000002", "root@ci-b")), 400);
+        attempts += 1;
         let list = events.list(&ListParams::default()).await.expect("events").items;
-        list.into_iter().find(|e| e.reason.as_deref() == Some("LockContended") && e.series.as_ref().is_some_and(|s| s.count >= 2))
-    })
-    .await;
+        if list.iter().any(|e| e.reason.as_deref() == Some("LockContended") && e.series.as_ref().is_some_and(|s| s.count >= 2)) {
+            break;
+        }
+        assert!(attempts < 40, "no LockContended series after {attempts} refused attempts");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     assert_eq!(call("DeleteItem", json!({"TableName": TABLE, "Key": {"LockID": {"S": gw_lock}}})), 200);
     eventually(Duration::from_secs(10), "the released lock's StateLock to go", || async {
         locks.get_opt(&state_lock_name(gw_lock)).await.expect("get").is_none().then_some(())
@@ -500,12 +482,7 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
     role["rules"].as_array_mut().expect("rules").retain(|r| r["resources"] != json!(["statelocks/status"]));
     apply(&cluster.client(), &role).await;
     let second = "tfstate/second/terraform.tfstate";
-    put_item(
-        &db,
-        TABLE,
-        &[("LockID", second), ("Info", &terraform_info("cccccccc-0000-0000-0000-000000000003", "root@runner-2", second, &now))],
-    )
-    .await;
+    common::take_lock(&db, TABLE, second, "cccccccc-0000-0000-0000-000000000003", "root@runner-2").await;
     eventually(Duration::from_secs(30), "a refused status write", || async {
         cluster
             .emulator

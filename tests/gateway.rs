@@ -486,19 +486,22 @@ async fn dynamodb_errors_pass_through_once_and_slow_clients_are_cut_off() {
     // A client that sends half its body and stalls is answered 400 after the read timeout, while
     // others are served meanwhile.
     let stall_addr = addr.clone();
+    let (sent, half_sent) = std::sync::mpsc::channel();
     let stalled = std::thread::spawn(move || {
         use std::io::Read;
         let mut s = std::net::TcpStream::connect(&stall_addr).expect("connect");
         write!(s, "POST / HTTP/1.1\r\nHost: gw\r\nX-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: 100\r\n\r\n{{\"TableName\"")
             .expect("write");
+        sent.send(()).expect("signal");
         let started = std::time::Instant::now();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         (started.elapsed(), out)
     });
-    std::thread::sleep(Duration::from_millis(300));
+    half_sent.recv().expect("the stalled client has sent half its request");
     let (got, _) = post(&put);
     assert!(got == 400 || got == 500 || got == 503, "others are served while a client stalls");
+    assert!(!stalled.is_finished(), "the stalled client is still waiting while the other was served");
     let (waited, out) = stalled.join().expect("stalled client");
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("was not received within 10 s"), "{out}");

@@ -7,15 +7,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use apiserver_emulator::User;
-use aws_sdk_dynamodb::types::AttributeValue;
-use common::{DynamoServer, Operator, TestCluster, eventually, free_port, metric, put_item, terraform_info};
+use common::{DynamoServer, Operator, TestCluster, eventually, free_port, metric};
 use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
     api::{DeleteParams, ListParams},
 };
 use serde_json::json;
-use statelock::crd::{HolderState, StateLock, state_lock_name};
 
 const NS: &str = "runners";
 const TABLE: &str = "tf-locks";
@@ -96,22 +94,9 @@ async fn the_follower_takes_over_within_the_lease_duration_and_never_writes_whil
     let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
     cluster.running_pod(NS, "runner-1").await;
     let lock_id = "tfstate/app/terraform.tfstate";
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    put_item(
-        &db,
-        TABLE,
-        &[("LockID", lock_id), ("Info", &terraform_info("1edde332-0dcf-0332-cbb0-ed1b3daf868d", "root@runner-1", lock_id, &now))],
-    )
-    .await;
-    let locks: Api<StateLock> = Api::namespaced(cluster.client(), NS);
-    eventually(Duration::from_secs(30), "the lock mirrored and judged alive by the leader", || async {
-        locks
-            .get_opt(&state_lock_name(lock_id))
-            .await
-            .expect("get")
-            .filter(|l| l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| h.state == HolderState::Alive))
-    })
-    .await;
+    common::take_lock(&db, TABLE, lock_id, "1edde332-0dcf-0332-cbb0-ed1b3daf868d", "root@runner-1").await;
+    common::wait_holder_alive(&cluster, NS, lock_id, "the lock mirrored and judged alive by the leader").await;
+    // An absence cannot be waited for: give the follower a window in which it could have written.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!writes_by(&cluster, "operator-a").is_empty(), "the leader wrote");
     assert_eq!(writes_by(&cluster, "operator-b"), Vec::<String>::new(), "the follower wrote nothing");
@@ -132,17 +117,10 @@ async fn the_follower_takes_over_within_the_lease_duration_and_never_writes_whil
     // The new leader releases the dead holder's lock, once.
     pods.delete("runner-1", &DeleteParams::default()).await.expect("delete pod");
     eventually(Duration::from_secs(30), "the lock released by B", || async {
-        let item = db
-            .get_item()
-            .table_name(TABLE)
-            .key("LockID", AttributeValue::S(lock_id.into()))
-            .consistent_read(true)
-            .send()
-            .await
-            .expect("get");
-        item.item.is_none().then_some(())
+        (!common::lock_item_exists(&db, TABLE, lock_id).await).then_some(())
     })
     .await;
+    // A window in which a second release would show up.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let events: Vec<Event> = Api::<Event>::namespaced(cluster.client(), NS).list(&ListParams::default()).await.expect("events").items;
     let expired: Vec<&Event> = events.iter().filter(|e| e.reason.as_deref() == Some("LockExpired")).collect();

@@ -304,31 +304,18 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     if let Some(requested) = lock.annotations().get(FORCE_UNLOCK_ANNOTATION) {
         let live = lock.annotations().get(FORCE_UNLOCK_LIVE_ANNOTATION).map(String::as_str);
         match manual_unlock::decide(requested, lock.spec.lock_info.id.as_deref(), verdict.state, live) {
-            UnlockDecision::Release => match release(&ctx, &source, &lock).await? {
-                ReleaseOutcome::Released => {
+            UnlockDecision::Release => {
+                let report = ReleaseReport {
+                    metric_reason: "ForceUnlock".into(),
+                    event_reason: reasons::FORCE_UNLOCKED,
+                    note: format!("released lock {requested} on request (holder {:?}: {})", verdict.state, verdict.message),
+                    pod: None,
+                    skipped_note: "the lock item changed since it was mirrored; nothing was released",
+                };
+                if release_and_report(&ctx, &source, &lock, report).await? {
                     phase = LockPhase::Released;
-                    ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: "ForceUnlock".into() }).inc();
-                    publish(
-                        &ctx,
-                        &lock,
-                        reasons::FORCE_UNLOCKED,
-                        &format!("released lock {requested} on request (holder {:?}: {})", verdict.state, verdict.message),
-                        None,
-                    )
-                    .await;
                 }
-                ReleaseOutcome::AlreadyGone => phase = LockPhase::Released,
-                ReleaseOutcome::HeldByAnother => {
-                    publish(
-                        &ctx,
-                        &lock,
-                        reasons::RELEASE_SKIPPED,
-                        "the lock item changed since it was mirrored; nothing was released",
-                        None,
-                    )
-                    .await
-                }
-            },
+            }
             UnlockDecision::WrongId { requested, actual } => {
                 publish(
                     &ctx,
@@ -366,33 +353,22 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                 Duration::from_nanos(u64::try_from(due.as_nanosecond() - now.as_nanosecond()).unwrap_or(0)).max(Duration::from_millis(50)),
             );
         } else if releasable {
-            let outcome = release(&ctx, &source, &lock).await?;
-            match outcome {
-                ReleaseOutcome::Released => {
-                    phase = LockPhase::Released;
-                    let reason = verdict.evidence.as_ref().map_or("Unknown", |e| e.reason).to_owned();
-                    ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason }).inc();
-                    let ev = verdict.evidence.as_ref().map(|e| e.message.clone()).unwrap_or_default();
-                    let note = format!(
-                        "released lock {} ({}) held by {}: {ev}",
-                        lock.spec.lock_info.id.as_deref().unwrap_or("?"),
-                        lock.spec.lock_id,
-                        lock.spec.lock_info.who.as_deref().unwrap_or("?")
-                    );
-                    info!(lock = %lock.spec.lock_id, "lock released: holder dead");
-                    publish(&ctx, &lock, reasons::LOCK_EXPIRED, &note, verdict.pod.as_ref()).await;
-                }
-                ReleaseOutcome::AlreadyGone => phase = LockPhase::Released,
-                ReleaseOutcome::HeldByAnother => {
-                    publish(
-                        &ctx,
-                        &lock,
-                        reasons::RELEASE_SKIPPED,
-                        "the lock item changed since it was judged (re-taken or updated); nothing was released",
-                        None,
-                    )
-                    .await;
-                }
+            let evidence = verdict.evidence.as_ref();
+            let report = ReleaseReport {
+                metric_reason: evidence.map_or("Unknown", |e| e.reason).to_owned(),
+                event_reason: reasons::LOCK_EXPIRED,
+                note: format!(
+                    "released lock {} ({}) held by {}: {}",
+                    lock.spec.lock_info.id.as_deref().unwrap_or("?"),
+                    lock.spec.lock_id,
+                    lock.spec.lock_info.who.as_deref().unwrap_or("?"),
+                    evidence.map(|e| e.message.as_str()).unwrap_or_default()
+                ),
+                pod: verdict.pod.as_ref(),
+                skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
+            };
+            if release_and_report(&ctx, &source, &lock, report).await? {
+                phase = LockPhase::Released;
             }
             action = Action::requeue(Duration::from_secs(5));
         }
@@ -413,6 +389,33 @@ async fn consume_unlock_request(ctx: &Context, lock: &StateLock) -> Result<(), E
 
 fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
     k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX)
+}
+
+/// How a release is reported, for a force-unlock or an expiry.
+struct ReleaseReport<'a> {
+    metric_reason: String,
+    event_reason: &'static str,
+    note: String,
+    pod: Option<&'a PodRef>,
+    skipped_note: &'static str,
+}
+
+/// Release the exact lock instance and report the outcome; true when the item is gone (released
+/// now, or already), false when it had changed and nothing was released.
+async fn release_and_report(ctx: &Context, source: &LockSource, lock: &StateLock, report: ReleaseReport<'_>) -> Result<bool, ExpiryError> {
+    match release(ctx, source, lock).await? {
+        ReleaseOutcome::Released => {
+            ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: report.metric_reason }).inc();
+            info!(lock = %lock.spec.lock_id, reason = report.event_reason, "lock released");
+            publish(ctx, lock, report.event_reason, &report.note, report.pod).await;
+            Ok(true)
+        }
+        ReleaseOutcome::AlreadyGone => Ok(true),
+        ReleaseOutcome::HeldByAnother => {
+            publish(ctx, lock, reasons::RELEASE_SKIPPED, report.skipped_note, None).await;
+            Ok(false)
+        }
+    }
 }
 
 async fn release(ctx: &Context, source: &LockSource, lock: &StateLock) -> Result<ReleaseOutcome, ExpiryError> {

@@ -273,6 +273,38 @@ pub async fn put_item(db: &aws_sdk_dynamodb::Client, table: &str, attrs: &[(&str
     req.send().await.expect("put item");
 }
 
+/// A Terraform lock item on `lock_id`, taken now by `who` with lock ID `id`.
+pub async fn take_lock(db: &aws_sdk_dynamodb::Client, table: &str, lock_id: &str, id: &str, who: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    put_item(db, table, &[("LockID", lock_id), ("Info", &terraform_info(id, who, lock_id, &now))]).await;
+}
+
+/// Whether the item `lock_id` is in `table` (a consistent read).
+pub async fn lock_item_exists(db: &aws_sdk_dynamodb::Client, table: &str, lock_id: &str) -> bool {
+    let out = db
+        .get_item()
+        .table_name(table)
+        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(lock_id.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get item");
+    out.item.is_some()
+}
+
+/// Wait until the StateLock of `lock_id` in `namespace` has its holder judged Alive.
+pub async fn wait_holder_alive(cluster: &TestCluster, namespace: &str, lock_id: &str, what: &str) -> statelock::crd::StateLock {
+    let locks: Api<statelock::crd::StateLock> = Api::namespaced(cluster.client(), namespace);
+    eventually(Duration::from_secs(30), what, || async {
+        locks
+            .get_opt(&statelock::crd::state_lock_name(lock_id))
+            .await
+            .expect("get")
+            .filter(|l| l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| h.state == statelock::crd::HolderState::Alive))
+    })
+    .await
+}
+
 /// The `statelock` binary with a clean environment: fake AWS credentials for the default chain.
 pub fn statelock_command() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_statelock"));
