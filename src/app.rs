@@ -114,7 +114,16 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
     };
 
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
-    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leadership.clone()));
+    let tenancy = Arc::new(crate::tenancy::TenancyPolicy {
+        identity_namespaces: if args.aws_identity_namespaces.is_empty() {
+            vec![args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned())]
+        } else {
+            args.aws_identity_namespaces.clone()
+        },
+        allowed_endpoints: args.allowed_endpoints.clone(),
+    });
+    info!(identity_namespaces = ?tenancy.identity_namespaces, allowed_endpoints = ?tenancy.allowed_endpoints, "tenancy");
+    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leadership.clone(), tenancy.clone()));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
     let expiry = tokio::spawn(expiry::controller::run(
         expiry::controller::Deps {
@@ -122,12 +131,13 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
             recorder: recorder.clone(),
             metrics: metrics.clone(),
             leader: leadership.clone(),
+            tenancy: tenancy.clone(),
         },
         readiness.clone(),
         shutdown.clone(),
     ));
     let gateway = match args.gateway_addr {
-        Some(addr) => Some(start_gateway(&client, recorder, &args, addr, &metrics, &readiness, &shutdown).await?),
+        Some(addr) => Some(start_gateway(&client, recorder, &args, addr, &metrics, &readiness, &shutdown, tenancy.clone()).await?),
         None => None,
     };
 
@@ -172,6 +182,7 @@ async fn start_gateway(
     metrics: &Arc<Metrics>,
     readiness: &Readiness,
     shutdown: &CancellationToken,
+    tenancy: Arc<crate::tenancy::TenancyPolicy>,
 ) -> Result<tokio::task::JoinHandle<io::Result<()>>, RunError> {
     readiness.add_gate("gateway", "syncing the gateway's pod and LockSource caches");
     let listener = TcpListener::bind(addr).await.map_err(|source| RunError::BindGateway { addr, source })?;
@@ -181,7 +192,7 @@ async fn start_gateway(
         GatewayBackend::Memory => gateway::server::Backend::Memory(Arc::new(gateway::memory::MemoryTables::default())),
     };
     let config = gateway::effects::EffectsConfig { waiter_timeout: args.gateway_waiter_timeout, ..Default::default() };
-    let gw = gateway::server::Gateway::new(client.clone(), recorder, backend, metrics.clone(), config);
+    let gw = gateway::server::Gateway::new(client.clone(), recorder, backend, metrics.clone(), config, tenancy);
     {
         let (gw, readiness) = (gw.clone(), readiness.clone());
         tokio::spawn(async move {

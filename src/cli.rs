@@ -124,6 +124,19 @@ pub struct RunArgs {
     /// over; the leader itself stops writing after two thirds of it.
     #[arg(long, env = "STATELOCK_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+
+    /// Namespaces whose LockSources may use the operator's own AWS identity (its default
+    /// credential chain: environment, IRSA, instance profile), comma-separated; `*` for every
+    /// namespace. Unset means only the operator's own namespace. LockSources elsewhere must name a
+    /// credentials Secret of their own.
+    #[arg(long, env = "STATELOCK_AWS_IDENTITY_NAMESPACES", value_delimiter = ',')]
+    pub aws_identity_namespaces: Vec<String>,
+
+    /// Endpoints LockSources may name in `spec.dynamodb.endpoint`, comma-separated, each
+    /// `scheme://host[:port]` (port `*` for any). Unset means none: only AWS's regional endpoints.
+    /// The operator never sends a request to an endpoint outside this list.
+    #[arg(long, env = "STATELOCK_ALLOWED_ENDPOINTS", value_delimiter = ',')]
+    pub allowed_endpoints: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

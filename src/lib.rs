@@ -26,3 +26,4 @@ pub mod mirror;
 pub mod reasons;
 pub mod sandbox;
 pub mod telemetry;
+pub mod tenancy;

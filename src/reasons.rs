@@ -18,6 +18,10 @@ pub const HOLDER_DIED: &str = "HolderDied";
 pub const LOCK_EXPIRED: &str = "LockExpired";
 /// A release was due but the lock item had changed (re-taken): nothing was released. Warning.
 pub const RELEASE_SKIPPED: &str = "ReleaseSkipped";
+/// statelock considered releasing a lock and did not (the reason is in `status.release`).
+pub const RELEASE_BLOCKED: &str = "ReleaseBlocked";
+/// The gateway saw a pod take a lock whose `Who` names another host: not recorded as the holder.
+pub const GATEWAY_HOLDER_MISMATCH: &str = "GatewayHolderMismatch";
 
 /// A `statelock.dev/force-unlock` request released the lock. Warning.
 pub const FORCE_UNLOCKED: &str = "ForceUnlocked";

@@ -344,7 +344,7 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
     const TABLE: &str = "tf-locks";
     let sa_user = "system:serviceaccount:statelock-system:statelock";
     let cluster = TestCluster::start_rbac(&[("sa-token", User::service_account(NAMESPACE, "statelock"))]).await;
-    let values = json!({"rbac": {"secretNamespaces": [RUNNERS]}, "gateway": {"networkPolicy": {"allowedNamespaces": [RUNNERS]}}, "leaderElection": {"leaseDuration": "4s"}});
+    let values = json!({"rbac": {"secretNamespaces": [RUNNERS]}, "gateway": {"networkPolicy": {"allowedNamespaces": [RUNNERS]}}, "leaderElection": {"leaseDuration": "4s"}, "aws": {"allowedEndpoints": ["http://127.0.0.1:*"]}});
     let text = render_text("statelock", &values, &[]).expect("render");
     let rendered = docs(&text);
     // As admin, with kube-rs: kubectl (client-go) never sends a bearer token over plain HTTP.

@@ -185,14 +185,25 @@ async fn a_restarted_holder_container_releases_the_lock() {
     e.op.stop().await;
 }
 
+/// A pod created after the lock (a StatefulSet's new atlantis-0 while statelock never saw the old
+/// one, or anyone's pod with that name) was never the holder and is no evidence about the lock:
+/// the lock stays. Once no pod yields the runner hostname at all, the runner is gone.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_replaced_pod_of_the_same_name_releases_the_lock() {
+async fn a_pod_created_after_the_lock_is_never_its_holder_and_never_evidence() {
     let e = env("Release").await;
     let info = terraform_info("old-run", "root@atlantis-0", LOCK, "2020-01-01T00:00:00Z");
     put_item(&e.db, TABLE, &[("LockID", LOCK), ("Info", &info)]).await;
-    // The StatefulSet pod atlantis-0 exists again, created long after the lock was taken.
     runner_pod(&e.cluster, "atlantis-0").await;
-    wait_released(&e, "PodReplaced").await;
+    let state = eventually(Duration::from_secs(30), "HolderNotEstablished", || async {
+        holder_state(&e.cluster).await.filter(|(_, r)| r == "HolderNotEstablished")
+    })
+    .await;
+    assert_eq!(state.0, HolderState::Unknown);
+    assert_never_released(&e, &info, HolderState::Unknown).await;
+    // The fix still releases what it should: with no pod of that hostname left, the runner is gone.
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    wait_released(&e, "RunnerGone").await;
+    assert!(event_note(&e.cluster, "LockExpired").await.contains("the runner is gone"));
     e.op.stop().await;
 }
 
@@ -352,10 +363,10 @@ async fn terraform_sigkill_then(death: Death) {
     }
     wait_released(&e, &format!("{death:?}")).await;
     let expected = match death {
-        Death::PodDeleted => "does not exist",
+        Death::PodDeleted => "no longer exists",
         Death::PodFailed => "has phase Failed",
         Death::ContainerRestarted => "started",
-        Death::PodReplaced => "was created",
+        Death::PodReplaced => "now belongs to UID",
     };
     let note = event_note(&e.cluster, "LockExpired").await;
     assert!(note.contains(expected), "{death:?}: the release rests on that evidence: {note}");

@@ -625,6 +625,7 @@ async fn a_full_effects_queue_drops_and_counts_and_bursts_coalesce() {
         server::Backend::Memory(std::sync::Arc::new(MemoryTables::default())),
         metrics.clone(),
         config,
+        std::sync::Arc::new(statelock::tenancy::TenancyPolicy::default()),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -129,10 +129,10 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
     let metrics = statelock::metrics::Metrics::new();
     let leader = statelock::leader::Leadership::always();
-    let mirror = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leader.clone()));
+    let mirror = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leader.clone(), open_tenancy()));
     let cancel = CancellationToken::new();
     tokio::spawn(mirror::run(mirror.clone(), Readiness::default(), cancel.clone()));
-    let deps = expiry::controller::Deps { client: client.clone(), recorder, metrics, leader };
+    let deps = expiry::controller::Deps { client: client.clone(), recorder, metrics, leader, tenancy: open_tenancy() };
     tokio::spawn(expiry::controller::run(deps, Readiness::default(), cancel.clone()));
     Rig { emulator, client, mirror, cancel }
 }
@@ -141,7 +141,7 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
 pub async fn gateway(rig: &Rig, backend: statelock::gateway::server::Backend) -> std::net::SocketAddr {
     let recorder = Recorder::new(rig.client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
     let metrics = statelock::metrics::Metrics::new();
-    let gw = statelock::gateway::server::Gateway::new(rig.client.clone(), recorder, backend, metrics, Default::default());
+    let gw = statelock::gateway::server::Gateway::new(rig.client.clone(), recorder, backend, metrics, Default::default(), open_tenancy());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(statelock::gateway::server::serve(gw, listener, rig.cancel.clone()));
@@ -151,4 +151,12 @@ pub async fn gateway(rig: &Rig, backend: statelock::gateway::server::Backend) ->
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
+}
+
+/// The benchmarks' moto runs on a loopback port and every namespace may use its fake identity.
+pub fn open_tenancy() -> std::sync::Arc<statelock::tenancy::TenancyPolicy> {
+    std::sync::Arc::new(statelock::tenancy::TenancyPolicy {
+        identity_namespaces: vec!["*".into()],
+        allowed_endpoints: vec!["http://127.0.0.1:*".into()],
+    })
 }

@@ -115,7 +115,10 @@ fn default_session_token_key() -> String {
 /// How statelock keeps its StateLocks in step with the table.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "duration(self.interval) >= duration('1s')", "message": "sync.interval must be at least 1s"}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.interval) >= duration('1s')", "message": "sync.interval must be at least 1s"},
+    {"rule": "duration(self.interval) <= duration('24h')", "message": "sync.interval must be at most 24h"},
+]))]
 pub struct SyncSpec {
     /// `Auto` reads the table's DynamoDB Stream when it has one and scans otherwise; `Streams`
     /// requires a stream; `Scan` always scans.
@@ -155,8 +158,12 @@ pub enum SyncMode {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HolderSpec {
-    /// Namespaces whose pods may hold these locks. Empty means every namespace.
+    /// Namespaces whose pods may hold these locks. Empty (the default) means only this
+    /// LockSource's own namespace; `["*"]` means every namespace, which must be asked for
+    /// explicitly: then any pod of the cluster whose hostname is the host in `Who` may be judged
+    /// as the holder.
     #[serde(default)]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 63, "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?|\\*)$"}))]
     pub namespaces: Vec<String>,
 
     /// A regular expression (anchored at both ends) for hostnames of in-cluster runners. When the
@@ -170,6 +177,11 @@ pub struct HolderSpec {
 /// When and how locks whose holder died are released.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.gracePeriod) <= duration('168h')", "message": "expiry.gracePeriod must be at most 168h"},
+    {"rule": "duration(self.staleAfter) <= duration('8760h')", "message": "expiry.staleAfter must be at most 8760h"},
+    {"rule": "duration(self.skewTolerance) <= duration('10m')", "message": "expiry.skewTolerance must be at most 10m"},
+]))]
 pub struct ExpirySpec {
     /// `Release` deletes the lock item once its holder is dead for the grace period; `Observe`
     /// (the default) only reports. Releasing is opt-in per LockSource.
@@ -229,12 +241,13 @@ pub struct GatewaySpec {
     /// Namespaces whose pods may use the table through the gateway. Unset means only this
     /// LockSource's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 63}))]
     pub allowed_namespaces: Option<Vec<String>>,
 
     /// CIDR ranges of callers that are not pods and may use the table through the gateway. None
-    /// by default.
+    /// by default. A caller that is a pod is admitted only by its namespace, never by a range.
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(r, isCIDR(r))", "message": "every allowedSourceRanges entry must be a CIDR such as 10.0.0.0/8"}]))]
+    #[schemars(length(max = 32), extend("items" = {"type": "string", "maxLength": 43}), extend("x-kubernetes-validations" = [{"rule": "self.all(r, isCIDR(r))", "message": "every allowedSourceRanges entry must be a CIDR such as 10.0.0.0/8"}]))]
     pub allowed_source_ranges: Vec<String>,
 }
 
@@ -262,4 +275,63 @@ pub struct LockSourceStatus {
     /// The sync mode in use (`Streams` or `Scan`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_mode: Option<SyncMode>,
+}
+
+/// The largest values the CRD's validation rules admit; checked here too, since an API server
+/// that does not run the CEL rules (or an object stored before they existed) must not make a
+/// release due at once or overflow a timestamp.
+pub const MAX_GRACE_PERIOD: std::time::Duration = std::time::Duration::from_secs(168 * 3600);
+pub const MAX_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
+pub const MAX_SKEW_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(600);
+pub const MAX_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl LockSourceSpec {
+    /// What is wrong with the spec, in words; empty when it can be served.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let bounded = |what: &str, d: &GoDuration, max: std::time::Duration, out: &mut Vec<String>| {
+            if d.get() > max {
+                out.push(format!("{what} is {d}, more than the maximum of {}s", max.as_secs()));
+            }
+        };
+        bounded("expiry.gracePeriod", &self.expiry.grace_period, MAX_GRACE_PERIOD, &mut out);
+        bounded("expiry.staleAfter", &self.expiry.stale_after, MAX_STALE_AFTER, &mut out);
+        bounded("expiry.skewTolerance", &self.expiry.skew_tolerance, MAX_SKEW_TOLERANCE, &mut out);
+        bounded("sync.interval", &self.sync.interval, MAX_SYNC_INTERVAL, &mut out);
+        if self.sync.interval.get() < std::time::Duration::from_secs(1) {
+            out.push(format!("sync.interval is {}, less than 1s", self.sync.interval));
+        }
+        if let Some(p) = &self.holders.hostname_pattern
+            && let Err(e) = self.holders.compiled_pattern_of(p)
+        {
+            out.push(format!("holders.hostnamePattern does not compile: {e}"));
+        }
+        if self.holders.namespaces.iter().any(|n| n == "*") && self.holders.namespaces.len() > 1 {
+            out.push("holders.namespaces: \"*\" (every namespace) must be the only entry".into());
+        }
+        out
+    }
+}
+
+impl HolderSpec {
+    /// The hostname pattern, anchored at both ends, with a bounded compiled size.
+    pub fn compiled_pattern(&self) -> Option<Result<regex::Regex, regex::Error>> {
+        self.hostname_pattern.as_deref().map(|p| self.compiled_pattern_of(p))
+    }
+
+    fn compiled_pattern_of(&self, p: &str) -> Result<regex::Regex, regex::Error> {
+        regex::RegexBuilder::new(&format!("^(?:{p})$")).size_limit(1 << 20).dfa_size_limit(1 << 20).build()
+    }
+
+    /// The namespaces whose pods may hold the locks of a LockSource in `own_namespace`.
+    pub fn resolved_namespaces(&self, own_namespace: &str) -> crate::expiry::holder_liveness::HolderNamespaces {
+        use crate::expiry::holder_liveness::HolderNamespaces;
+        if self.namespaces.iter().any(|n| n == "*") {
+            HolderNamespaces::All
+        } else if self.namespaces.is_empty() {
+            HolderNamespaces::Only(vec![own_namespace.to_owned()])
+        } else {
+            HolderNamespaces::Only(self.namespaces.clone())
+        }
+    }
 }

@@ -165,6 +165,12 @@ pub struct StateLockStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contention: Option<ContentionStatus>,
 
+    /// Why statelock has not released this lock although it considered doing so (a dead holder in
+    /// Observe mode, the grace period, evidence the authorities did not confirm, a malformed lock,
+    /// a refused manual unlock). Absent while there is nothing to release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseStatus>,
+
     /// The latest observations of the lock's state (`InfoValid`, `HolderResolved`, `Stale`,
     /// `Released`), one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -217,7 +223,9 @@ pub struct HolderStatus {
     pub state: HolderState,
 
     /// A CamelCase reason for the state, e.g. `PodRunning`, `PodNotFound`, `PodReplaced`,
-    /// `PodCompleted`, `ContainerRestarted`, `NoMatchingPod`, `SeveralPods`, `CacheNotSynced`.
+    /// `PodCompleted`, `ContainerRestarted`, `RunnerGone`, `NoMatchingPod`, `SeveralPods`,
+    /// `HolderNotEstablished`, `LockMalformed`, `CacheNotSynced`, `ApiError`, `SourceNotFound`,
+    /// `SourceRefused`.
     pub reason: String,
 
     /// A human-readable explanation of the state.
@@ -252,9 +260,63 @@ pub struct HolderStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<DeathEvidence>,
 
+    /// The pod established as the holder of this lock instance, recorded the first time it was
+    /// established. Evidence of death is only ever about this pod (or, for runner hostnames, about
+    /// the absence of any pod with the hostname).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established: Option<EstablishedHolder>,
+
     /// When `state` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
+}
+
+/// A pod established as the holder of one lock instance.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EstablishedHolder {
+    /// Namespace of the pod.
+    pub namespace: String,
+
+    /// Name of the pod.
+    pub pod: String,
+
+    /// UID of the pod: once it no longer exists, the holder is gone.
+    pub uid: String,
+
+    /// How it was established: `Gateway` (it took the lock through the gateway) or `Hostname`
+    /// (the only pod in the holder namespaces whose hostname is the host in `Who` and that existed
+    /// before the lock was taken).
+    pub by: HolderIdentification,
+
+    /// The host in `Who` it was established for.
+    pub hostname: String,
+
+    /// SHA-256 of the exact `Info` of the lock instance it holds.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub info_sha256: String,
+
+    /// The restart count of its holder container when established (when one container is watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<i32>,
+
+    /// When it was established.
+    pub at: Time,
+}
+
+/// Why a lock was not released.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseStatus {
+    /// A CamelCase reason, e.g. `ObserveMode`, `GracePeriod`, `NotConfirmed`, `LockMalformed`,
+    /// `HolderAlive`, `SourceRefused`, `ApiError`, `LockChanged`, `PartialRelease`.
+    pub reason: String,
+
+    /// What exactly stopped the release.
+    pub message: String,
+
+    /// When this reason was first recorded.
+    pub since: Time,
 }
 
 /// The pod the gateway saw take a lock.
@@ -273,6 +335,11 @@ pub struct GatewayHolder {
     /// The lock ID the pod took (the holder record applies to this lock instance only).
     pub lock_id: String,
 
+    /// SHA-256 of the exact `Info` the pod wrote: the lock instance it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub info_sha256: Option<String>,
+
     /// When the gateway granted the lock.
     pub seen_at: Time,
 }
@@ -281,7 +348,8 @@ pub struct GatewayHolder {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DeathEvidence {
-    /// The kind of evidence: `PodNotFound`, `PodReplaced`, `PodCompleted` or `ContainerRestarted`.
+    /// The kind of evidence: `PodNotFound`, `PodReplaced`, `PodCompleted`, `ContainerRestarted`
+    /// or `RunnerGone`.
     pub reason: String,
 
     /// What exactly was observed.

@@ -1,13 +1,25 @@
 //! Is a lock's holder alive? A pure decision over plain facts about the lock and the pods.
 //!
-//! The rule that matters: **only positive evidence of death counts**. A pod that is gone (and
-//! confirmed gone by a direct read), replaced (another UID, or created after the lock), completed
-//! (Succeeded/Failed), or whose holder container restarted after the lock was taken, is dead.
-//! Nothing else is: not a Terminating pod, not phase Unknown, not a NotReady node, not a cache that
-//! has not synced, not an API error, and never the age of the lock. When the facts are
-//! incomplete the answer is Unknown, and Unknown never releases anything.
+//! The rules that matter:
+//! - **Only positive evidence of death counts**, and only about a pod **established as the
+//!   holder**: the pod the gateway saw take the lock, or the one pod (in the holder namespaces)
+//!   whose kubelet hostname is the host in `Who` and which existed before the lock was taken. A
+//!   pod that appears after the lock was never its holder and is never evidence about it.
+//! - Evidence: the established pod's UID no longer exists (`PodNotFound`), its name belongs to
+//!   another UID (`PodReplaced`), it completed (`PodCompleted`), its holder container restarted
+//!   (`ContainerRestarted`); or, for hostnames matching the runner pattern, no pod under any name
+//!   yields the hostname in the holder namespaces (`RunnerGone`).
+//! - Nothing else is evidence: not a Terminating pod, not phase Unknown, not a cache that has not
+//!   synced, not an API error, not a malformed lock, never the age of the lock. Then the answer
+//!   is Unknown, and Unknown never releases anything.
+//!
+//! The same function judges twice: over the caches (a hint, which may only trigger a judgement)
+//! and over the authorities (the lock item from a strongly consistent read, pods read directly
+//! from the API) right before a release. Only the second may release.
 
-use crate::crd::HolderState;
+use crate::crd::{HolderIdentification, HolderState};
+
+pub use super::pod_hostname::HostnameSpec;
 
 /// The annotation naming the container whose restart counts as the holder's death.
 pub const HOLDER_CONTAINER_ANNOTATION: &str = "statelock.dev/holder-container";
@@ -20,15 +32,34 @@ pub struct PodRef {
     pub uid: Option<String>,
 }
 
-/// What the lock says about its holder.
+/// What the lock says about its holder (from the StateLock spec as a hint, or from the Info of a
+/// strongly consistent read as the authority).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LockFacts {
     /// The lock's Created time (ns since the epoch), when it parsed.
     pub created: Option<i128>,
     /// The hostname part of Who.
     pub hostname: Option<String>,
-    /// The pod the gateway saw take the lock, when it did.
-    pub gateway_pod: Option<PodRef>,
+    /// SHA-256 of the exact Info: the lock instance.
+    pub info_sha256: Option<String>,
+    /// Why the lock record is malformed, when it is: malformed locks are never released
+    /// automatically.
+    pub malformed: Option<String>,
+}
+
+/// A pod established as the holder of one lock instance (recorded in status the first time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Established {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub by: HolderIdentification,
+    /// The host in `Who` it was established for.
+    pub hostname: String,
+    /// The lock instance it holds.
+    pub info_sha256: String,
+    /// The holder container's restart count when established, when there is one container to watch.
+    pub restarts: Option<i32>,
 }
 
 /// One container's state.
@@ -37,16 +68,15 @@ pub struct ContainerFacts {
     pub name: String,
     /// `state.running.startedAt` (ns), when running.
     pub running_since: Option<i128>,
+    pub restart_count: i32,
 }
 
-/// What the pod cache says about a pod.
+/// What the API (or the cache) says about a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodFacts {
-    pub namespace: String,
-    pub name: String,
+    /// Namespace, name and what decides its hostname.
+    pub host: HostnameSpec,
     pub uid: String,
-    /// `spec.hostname`, when set.
-    pub hostname: Option<String>,
     /// `metadata.creationTimestamp` (ns).
     pub created: i128,
     /// `status.phase`.
@@ -59,503 +89,384 @@ pub struct PodFacts {
 }
 
 impl PodFacts {
-    /// The hostname Terraform in this pod reports: `spec.hostname`, else the pod name.
-    pub fn effective_hostname(&self) -> &str {
-        self.hostname.as_deref().unwrap_or(&self.name)
+    pub fn namespace(&self) -> &str {
+        &self.host.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.host.name
+    }
+
+    fn pod_ref(&self) -> PodRef {
+        PodRef { namespace: self.host.namespace.clone(), name: self.host.name.clone(), uid: Some(self.uid.clone()) }
+    }
+
+    /// The container whose restart means the holder process is gone: the annotated one, or the
+    /// only one.
+    fn holder_container(&self) -> Option<&ContainerFacts> {
+        match &self.holder_container {
+            Some(name) => self.containers.iter().find(|c| &c.name == name),
+            None if self.containers.len() == 1 => self.containers.first(),
+            None => None,
+        }
+    }
+}
+
+/// Which namespaces' pods may hold the locks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HolderNamespaces {
+    /// Every namespace (asked for explicitly with `*`).
+    All,
+    Only(Vec<String>),
+}
+
+impl HolderNamespaces {
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(list) => list.iter().any(|n| n == namespace),
+        }
     }
 }
 
 /// Where holders may run, and how much clocks may disagree.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct HolderPolicy {
-    /// Namespaces whose pods may hold locks; empty means every namespace.
-    pub namespaces: Vec<String>,
-    /// Hostnames of in-cluster runners: for these, "no such pod" is evidence of death.
+    pub namespaces: HolderNamespaces,
+    /// Hostnames of in-cluster runners: for these, "no pod yields this hostname" is evidence.
     pub hostname_pattern: Option<regex::Regex>,
     pub skew_tolerance_ns: i128,
 }
 
-impl HolderPolicy {
-    fn allows(&self, namespace: &str) -> bool {
-        self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
-    }
+/// The pods the judgement sees.
+#[derive(Clone, Copy, Debug)]
+pub enum PodView<'a> {
+    /// The cache has not listed every pod yet: nothing is decided.
+    CacheNotSynced,
+    /// The pod cache (a hint).
+    Cache(&'a [PodFacts]),
+    /// A direct list of every holder namespace (the authority).
+    Listed(&'a [PodFacts]),
+    /// The direct list failed: nothing is decided.
+    ListFailed,
 }
 
-/// Whether the pod cache can be trusted yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cache {
-    Synced,
-    NotSynced,
-}
-
-/// What a direct (uncached) read of the API said about a pod that the cache does not have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DirectRead {
-    /// Not read yet: ask for one.
-    NotDone,
-    /// The API answered 404.
+/// What a read of the established holder (by namespace and name) returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HolderLookup {
+    Found(PodFacts),
     NotFound,
-    /// The API has the pod (the cache is behind): no evidence.
-    Exists,
-    /// The read failed: no evidence.
     Failed,
 }
 
-/// Evidence of death.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Evidence {
-    /// `PodNotFound`, `PodReplaced`, `PodCompleted` or `ContainerRestarted`.
-    pub reason: &'static str,
-    pub message: String,
+/// Why a holder is in its state. The strings appear only at the edges (status, events, metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    CacheNotSynced,
+    ApiError,
+    LockMalformed,
+    PodRunning,
+    PodTerminating,
+    PodPhaseUnknown,
+    PodNotFound,
+    PodReplaced,
+    PodCompleted,
+    ContainerRestarted,
+    RunnerGone,
+    NoHostname,
+    NoMatchingPod,
+    SeveralPods,
+    HolderNotEstablished,
+    SourceNotFound,
+    SourceRefused,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CacheNotSynced => "CacheNotSynced",
+            Self::ApiError => "ApiError",
+            Self::LockMalformed => "LockMalformed",
+            Self::PodRunning => "PodRunning",
+            Self::PodTerminating => "PodTerminating",
+            Self::PodPhaseUnknown => "PodPhaseUnknown",
+            Self::PodNotFound => "PodNotFound",
+            Self::PodReplaced => "PodReplaced",
+            Self::PodCompleted => "PodCompleted",
+            Self::ContainerRestarted => "ContainerRestarted",
+            Self::RunnerGone => "RunnerGone",
+            Self::NoHostname => "NoHostname",
+            Self::NoMatchingPod => "NoMatchingPod",
+            Self::SeveralPods => "SeveralPods",
+            Self::HolderNotEstablished => "HolderNotEstablished",
+            Self::SourceNotFound => "SourceNotFound",
+            Self::SourceRefused => "SourceRefused",
+        }
+    }
+
+    /// Every reason, for tests and metric documentation.
+    pub const ALL: [Reason; 17] = [
+        Self::CacheNotSynced,
+        Self::ApiError,
+        Self::LockMalformed,
+        Self::PodRunning,
+        Self::PodTerminating,
+        Self::PodPhaseUnknown,
+        Self::PodNotFound,
+        Self::PodReplaced,
+        Self::PodCompleted,
+        Self::ContainerRestarted,
+        Self::RunnerGone,
+        Self::NoHostname,
+        Self::NoMatchingPod,
+        Self::SeveralPods,
+        Self::HolderNotEstablished,
+        Self::SourceNotFound,
+        Self::SourceRefused,
+    ];
 }
 
 /// The verdict about a holder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub state: HolderState,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
-    /// The resolved pod, when there is exactly one.
+    /// The holder pod, when established.
     pub pod: Option<PodRef>,
-    pub identified_by_gateway: bool,
+    /// The established holder this verdict is about (already recorded, or established now).
+    pub established: Option<Established>,
     /// `namespace/name` of every candidate, when ambiguous.
     pub candidates: Vec<String>,
-    /// Set exactly when `state` is Dead.
-    pub evidence: Option<Evidence>,
-    /// A pod that must be read directly before its absence can count: (namespace, name).
-    pub needs_direct_read: Option<(String, String)>,
 }
 
 impl Verdict {
-    fn new(state: HolderState, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            state,
-            reason,
-            message: message.into(),
-            pod: None,
-            identified_by_gateway: false,
-            candidates: vec![],
-            evidence: None,
-            needs_direct_read: None,
-        }
+    fn new(state: HolderState, reason: Reason, message: impl Into<String>) -> Self {
+        Self { state, reason, message: message.into(), pod: None, established: None, candidates: vec![] }
     }
 
-    fn dead(pod: Option<PodRef>, reason: &'static str, message: String) -> Self {
-        let mut v = Self::new(HolderState::Dead, reason, message.clone());
-        v.pod = pod;
-        v.evidence = Some(Evidence { reason, message });
-        v
+    /// Dead is the only state that may lead to a release.
+    pub fn is_dead(&self) -> bool {
+        self.state == HolderState::Dead
     }
-}
 
-fn pod_ref(p: &PodFacts) -> PodRef {
-    PodRef { namespace: p.namespace.clone(), name: p.name.clone(), uid: Some(p.uid.clone()) }
+    pub fn identified_by(&self) -> Option<HolderIdentification> {
+        self.established.as_ref().map(|e| e.by)
+    }
 }
 
 fn secs(ns: i128) -> f64 {
     ns as f64 / 1e9
 }
 
+/// Everything a judgement looks at.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    pub lock: &'a LockFacts,
+    /// The established holder recorded for a lock instance (status, or the gateway's record);
+    /// ignored unless it is for this instance and this hostname.
+    pub established: Option<&'a Established>,
+    /// The established holder read by name (from the cache for a hint, directly for the authority).
+    pub holder_lookup: Option<&'a HolderLookup>,
+    pub pods: PodView<'a>,
+    pub policy: &'a HolderPolicy,
+}
+
 /// Decide whether the holder is alive.
-///
-/// `pods` is the cache's view of every pod; `direct` is the result of the direct read asked for
-/// by an earlier verdict's `needs_direct_read` (for the same pod), or `NotDone`.
-pub fn judge(lock: &LockFacts, pods: &[PodFacts], policy: &HolderPolicy, cache: Cache, direct: DirectRead) -> Verdict {
-    if cache == Cache::NotSynced {
-        return Verdict::new(HolderState::Unknown, "CacheNotSynced", "the pod cache has not synced yet; nothing is decided");
-    }
-    // 1. The pod the gateway saw take the lock.
-    if let Some(g) = &lock.gateway_pod {
-        let found = pods.iter().find(|p| p.namespace == g.namespace && p.name == g.name);
-        let mut v = match found {
-            Some(p) => judge_pod(lock, p, policy, g.uid.as_deref()),
-            None => absent(g.namespace.clone(), g.name.clone(), direct, "the pod that took the lock (seen by the gateway)"),
-        };
-        v.identified_by_gateway = true;
-        if v.pod.is_none() {
-            v.pod = Some(g.clone());
+pub fn judge(f: &Facts<'_>) -> Verdict {
+    let pods = match f.pods {
+        PodView::CacheNotSynced => {
+            return Verdict::new(HolderState::Unknown, Reason::CacheNotSynced, "the pod cache has not synced yet; nothing is decided");
         }
+        PodView::ListFailed => {
+            return Verdict::new(
+                HolderState::Unknown,
+                Reason::ApiError,
+                "the pods of the holder namespaces could not be listed; nothing is decided",
+            );
+        }
+        PodView::Cache(p) | PodView::Listed(p) => p,
+    };
+    if let Some(why) = &f.lock.malformed {
+        return Verdict::new(
+            HolderState::Unknown,
+            Reason::LockMalformed,
+            format!("the lock record is malformed ({why}); a malformed lock is never released automatically"),
+        );
+    }
+    let Some(host) = f.lock.hostname.as_deref().filter(|h| !h.is_empty()) else {
+        return Verdict::new(HolderState::External, Reason::NoHostname, "Who names no host; the holder cannot be a known pod");
+    };
+    let Some(created) = f.lock.created else {
+        return Verdict::new(HolderState::Unknown, Reason::LockMalformed, "the lock has no Created time; nothing is decided");
+    };
+    let latest_holder_creation = created.saturating_add(f.policy.skew_tolerance_ns.max(0));
+    // Pods that may be (or may have been) the holder: right namespace, right hostname, and in
+    // existence before the lock was taken (within the skew tolerance).
+    let could_hold = |p: &PodFacts| f.policy.namespaces.allows(p.namespace()) && p.host.yields(host) && p.created <= latest_holder_creation;
+
+    // 1. An established holder of this very lock instance.
+    let recorded = f.established.filter(|e| f.lock.info_sha256.as_deref() == Some(e.info_sha256.as_str()) && e.hostname == host);
+    if let Some(e) = recorded {
+        let mut v = match f.holder_lookup {
+            None => Verdict::new(
+                HolderState::Unknown,
+                Reason::ApiError,
+                format!("the holder pod {}/{} was not read; nothing is decided", e.namespace, e.name),
+            ),
+            Some(HolderLookup::Failed) => Verdict::new(
+                HolderState::Unknown,
+                Reason::ApiError,
+                format!("could not read the holder pod {}/{}; nothing is decided", e.namespace, e.name),
+            ),
+            Some(HolderLookup::NotFound) => Verdict::new(
+                HolderState::Dead,
+                Reason::PodNotFound,
+                format!("the holder pod {}/{} (UID {}) no longer exists", e.namespace, e.name, e.uid),
+            ),
+            Some(HolderLookup::Found(p)) if p.uid != e.uid => Verdict::new(
+                HolderState::Dead,
+                Reason::PodReplaced,
+                format!("the holder pod {}/{} (UID {}) is gone; the name now belongs to UID {}", e.namespace, e.name, e.uid, p.uid),
+            ),
+            Some(HolderLookup::Found(p)) => judge_holder_pod(p, e.restarts, created, f.policy),
+        };
+        // A holder found by hostname is the holder only while no other pod could be: if another
+        // pod with this hostname existed before the lock, say so and decide nothing.
+        if v.is_dead() && e.by == HolderIdentification::Hostname {
+            let others: Vec<String> = pods
+                .iter()
+                .filter(|p| could_hold(p) && !(p.namespace() == e.namespace && p.name() == e.name))
+                .map(|p| format!("{}/{}", p.namespace(), p.name()))
+                .collect();
+            if !others.is_empty() {
+                v = Verdict {
+                    candidates: others,
+                    ..Verdict::new(
+                        HolderState::Ambiguous,
+                        Reason::SeveralPods,
+                        format!(
+                            "the recorded holder {}/{} is gone, but other pods with hostname {host:?} existed before the lock",
+                            e.namespace, e.name
+                        ),
+                    )
+                };
+            }
+        }
+        v.pod = Some(PodRef { namespace: e.namespace.clone(), name: e.name.clone(), uid: Some(e.uid.clone()) });
+        v.established = Some(e.clone());
         return v;
     }
-    // 2. The hostname in Who.
-    let Some(host) = lock.hostname.as_deref().filter(|h| !h.is_empty()) else {
-        return Verdict::new(HolderState::External, "NoHostname", "Who names no host; the holder cannot be a known pod");
-    };
-    let candidates: Vec<&PodFacts> = pods.iter().filter(|p| policy.allows(&p.namespace) && p.effective_hostname() == host).collect();
-    match candidates.as_slice() {
-        [] => {
-            let runner = policy.hostname_pattern.as_ref().is_some_and(|re| re.is_match(host));
-            if !runner {
-                return Verdict::new(
-                    HolderState::External,
-                    "NoMatchingPod",
-                    format!("no pod has hostname {host:?}; the holder runs outside the cluster (not expired automatically)"),
-                );
-            }
-            // A runner hostname with no pod: its absence is evidence, once confirmed. With
-            // several holder namespaces the direct read cannot name one pod, so only a single
-            // namespace makes the absence checkable.
-            match policy.namespaces.as_slice() {
-                [ns] => absent(ns.clone(), host.to_owned(), direct, "the runner pod named in Who"),
-                _ => Verdict::new(
-                    HolderState::Unknown,
-                    "RunnerNotFound",
-                    format!(
-                        "no pod has hostname {host:?}, which matches the runner pattern, but its absence can only be confirmed with exactly one holder namespace"
-                    ),
-                ),
-            }
-        }
-        [p] => judge_pod(lock, p, policy, None),
-        many => {
-            let mut v = Verdict::new(
-                HolderState::Ambiguous,
-                "SeveralPods",
-                format!("{} pods have hostname {host:?}; never expired automatically", many.len()),
-            );
-            v.candidates = many.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+
+    // 2. Establish the holder by hostname.
+    let matching: Vec<&PodFacts> = pods.iter().filter(|p| f.policy.namespaces.allows(p.namespace()) && p.host.yields(host)).collect();
+    let before: Vec<&PodFacts> = matching.iter().copied().filter(|p| could_hold(p)).collect();
+    match before.as_slice() {
+        [p] => {
+            let restarts = p.holder_container().map(|c| c.restart_count);
+            let e = Established {
+                namespace: p.namespace().to_owned(),
+                name: p.name().to_owned(),
+                uid: p.uid.clone(),
+                by: HolderIdentification::Hostname,
+                hostname: host.to_owned(),
+                info_sha256: f.lock.info_sha256.clone().unwrap_or_default(),
+                restarts,
+            };
+            let mut v = judge_holder_pod(p, restarts, created, f.policy);
+            v.pod = Some(p.pod_ref());
+            // Without an instance identity there is nothing to record it against.
+            v.established = f.lock.info_sha256.is_some().then_some(e);
             v
         }
-    }
-}
-
-fn absent(namespace: String, name: String, direct: DirectRead, what: &str) -> Verdict {
-    match direct {
-        DirectRead::NotFound => Verdict::dead(
-            Some(PodRef { namespace: namespace.clone(), name: name.clone(), uid: None }),
-            "PodNotFound",
-            format!("{what}, {namespace}/{name}, does not exist (confirmed by a direct read)"),
-        ),
-        DirectRead::NotDone => {
-            let mut v = Verdict::new(
+        [] if !matching.is_empty() => Verdict {
+            candidates: matching.iter().map(|p| format!("{}/{}", p.namespace(), p.name())).collect(),
+            ..Verdict::new(
                 HolderState::Unknown,
-                "ConfirmingAbsence",
-                format!("{what}, {namespace}/{name}, is not in the cache; confirming with a direct read"),
-            );
-            v.needs_direct_read = Some((namespace, name));
-            v
+                Reason::HolderNotEstablished,
+                format!(
+                    "pods with hostname {host:?} exist but were created after the lock; none of them took it, and the pod that did was never seen"
+                ),
+            )
+        },
+        [] => {
+            if f.policy.hostname_pattern.as_ref().is_some_and(|re| re.is_match(host)) {
+                Verdict::new(
+                    HolderState::Dead,
+                    Reason::RunnerGone,
+                    format!("no pod in the holder namespaces has hostname {host:?}, which matches the runner pattern: the runner is gone"),
+                )
+            } else {
+                Verdict::new(
+                    HolderState::External,
+                    Reason::NoMatchingPod,
+                    format!("no pod has hostname {host:?}; the holder runs outside the cluster (not expired automatically)"),
+                )
+            }
         }
-        DirectRead::Exists => {
-            Verdict::new(HolderState::Unknown, "CacheBehind", format!("{what}, {namespace}/{name}, exists but the cache has not caught up"))
-        }
-        DirectRead::Failed => {
-            Verdict::new(HolderState::Unknown, "ApiError", format!("could not read {namespace}/{name} directly; nothing is decided"))
-        }
+        many => Verdict {
+            candidates: many.iter().map(|p| format!("{}/{}", p.namespace(), p.name())).collect(),
+            ..Verdict::new(
+                HolderState::Ambiguous,
+                Reason::SeveralPods,
+                format!("{} pods with hostname {host:?} existed before the lock; never expired automatically", many.len()),
+            )
+        },
     }
 }
 
-fn judge_pod(lock: &LockFacts, p: &PodFacts, policy: &HolderPolicy, recorded_uid: Option<&str>) -> Verdict {
-    let me = pod_ref(p);
-    let id = format!("{}/{}", p.namespace, p.name);
-    if let Some(uid) = recorded_uid
-        && uid != p.uid
-    {
-        return Verdict::dead(
-            Some(me),
-            "PodReplaced",
-            format!("pod {id} now has UID {}, not {uid}: the pod that took the lock is gone", p.uid),
-        );
-    }
-    if let Some(created) = lock.created
-        && p.created > created + policy.skew_tolerance_ns
-    {
-        return Verdict::dead(
-            Some(me),
-            "PodReplaced",
-            format!(
-                "pod {id} was created {:.1}s after the lock was taken (more than the skew tolerance): the holder was an earlier pod",
-                secs(p.created - created)
-            ),
-        );
-    }
+/// The established holder pod, with the UID recorded for it: is it still running the process
+/// that took the lock?
+fn judge_holder_pod(p: &PodFacts, restarts_when_established: Option<i32>, lock_created: i128, policy: &HolderPolicy) -> Verdict {
+    let id = format!("{}/{}", p.namespace(), p.name());
     if let Some(phase @ ("Succeeded" | "Failed")) = p.phase.as_deref() {
-        return Verdict::dead(Some(me), "PodCompleted", format!("pod {id} has phase {phase}"));
+        return Verdict::new(HolderState::Dead, Reason::PodCompleted, format!("the holder pod {id} has phase {phase}"));
     }
-    if let Some(created) = lock.created {
-        let holder = match &p.holder_container {
-            Some(name) => p.containers.iter().find(|c| &c.name == name),
-            None if p.containers.len() == 1 => p.containers.first(),
-            None => None,
-        };
-        if let Some(since) = holder.and_then(|c| c.running_since)
-            && since > created + policy.skew_tolerance_ns
+    if let Some(c) = p.holder_container() {
+        if let Some(before) = restarts_when_established
+            && c.restart_count > before
         {
-            let name = holder.map(|c| c.name.as_str()).unwrap_or_default();
-            return Verdict::dead(
-                Some(me),
-                "ContainerRestarted",
+            return Verdict::new(
+                HolderState::Dead,
+                Reason::ContainerRestarted,
                 format!(
-                    "container {name} of pod {id} started {:.1}s after the lock was taken: the process that held it is gone",
-                    secs(since - created)
+                    "container {} of the holder pod {id} restarted since it was established as the holder ({before} -> {} restarts)",
+                    c.name, c.restart_count
+                ),
+            );
+        }
+        // Both times come from the pod's node: Terraform's Created from the node's clock, the
+        // container's start from its kubelet.
+        if let Some(since) = c.running_since
+            && since > lock_created.saturating_add(policy.skew_tolerance_ns.max(0))
+        {
+            return Verdict::new(
+                HolderState::Dead,
+                Reason::ContainerRestarted,
+                format!(
+                    "container {} of the holder pod {id} started {:.1}s after the lock was taken: the process that held it is gone",
+                    c.name,
+                    secs(since - lock_created)
                 ),
             );
         }
     }
-    let mut v = if p.terminating {
-        Verdict::new(HolderState::Alive, "PodTerminating", format!("pod {id} is terminating; Terraform may still be releasing the lock"))
+    if p.terminating {
+        Verdict::new(
+            HolderState::Alive,
+            Reason::PodTerminating,
+            format!("the holder pod {id} is terminating; Terraform may still be releasing the lock"),
+        )
     } else if p.phase.as_deref() == Some("Unknown") {
         Verdict::new(
             HolderState::Unknown,
-            "PodPhaseUnknown",
-            format!("pod {id} has phase Unknown (its node may be unreachable); not evidence of death"),
+            Reason::PodPhaseUnknown,
+            format!("the holder pod {id} has phase Unknown (its node may be unreachable); not evidence of death"),
         )
     } else {
-        Verdict::new(HolderState::Alive, "PodRunning", format!("pod {id} is the holder and shows no sign of having stopped"))
-    };
-    v.pod = Some(me);
-    v
+        Verdict::new(HolderState::Alive, Reason::PodRunning, format!("the holder pod {id} shows no sign of having stopped"))
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    const T0: i128 = 1_764_162_000_000_000_000;
-    const S: i128 = 1_000_000_000;
-
-    fn lock(host: &str) -> LockFacts {
-        LockFacts { created: Some(T0), hostname: Some(host.into()), gateway_pod: None }
-    }
-
-    fn pod(ns: &str, name: &str) -> PodFacts {
-        PodFacts {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            created: T0 - 600 * S,
-            phase: Some("Running".into()),
-            containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 - 590 * S) }],
-            ..PodFacts::default()
-        }
-    }
-
-    fn policy() -> HolderPolicy {
-        HolderPolicy {
-            namespaces: vec!["atlantis".into()],
-            hostname_pattern: Some(regex::Regex::new("^atlantis-[0-9]+$").expect("re")),
-            skew_tolerance_ns: 2 * S,
-        }
-    }
-
-    fn judged(lock: &LockFacts, pods: &[PodFacts]) -> Verdict {
-        judge(lock, pods, &policy(), Cache::Synced, DirectRead::NotDone)
-    }
-
-    #[test]
-    fn table_of_evidence_and_non_evidence() {
-        let base = pod("atlantis", "atlantis-0");
-        let cases: Vec<(&str, Vec<PodFacts>, HolderState, &str)> = vec![
-            ("running holder", vec![base.clone()], HolderState::Alive, "PodRunning"),
-            ("completed", vec![PodFacts { phase: Some("Succeeded".into()), ..base.clone() }], HolderState::Dead, "PodCompleted"),
-            ("failed", vec![PodFacts { phase: Some("Failed".into()), ..base.clone() }], HolderState::Dead, "PodCompleted"),
-            ("replaced after the lock", vec![PodFacts { created: T0 + 3 * S, ..base.clone() }], HolderState::Dead, "PodReplaced"),
-            ("created within skew", vec![PodFacts { created: T0 + S, ..base.clone() }], HolderState::Alive, "PodRunning"),
-            (
-                "container restarted",
-                vec![PodFacts {
-                    containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 + 10 * S) }],
-                    ..base.clone()
-                }],
-                HolderState::Dead,
-                "ContainerRestarted",
-            ),
-            (
-                "restart within skew",
-                vec![PodFacts { containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 + S) }], ..base.clone() }],
-                HolderState::Alive,
-                "PodRunning",
-            ),
-            (
-                "two containers, no annotation: no container rule",
-                vec![PodFacts {
-                    containers: vec![
-                        ContainerFacts { name: "runner".into(), running_since: Some(T0 + 10 * S) },
-                        ContainerFacts { name: "sidecar".into(), running_since: Some(T0 - S) },
-                    ],
-                    ..base.clone()
-                }],
-                HolderState::Alive,
-                "PodRunning",
-            ),
-            (
-                "two containers, annotated holder restarted",
-                vec![PodFacts {
-                    holder_container: Some("runner".into()),
-                    containers: vec![
-                        ContainerFacts { name: "runner".into(), running_since: Some(T0 + 10 * S) },
-                        ContainerFacts { name: "sidecar".into(), running_since: Some(T0 - S) },
-                    ],
-                    ..base.clone()
-                }],
-                HolderState::Dead,
-                "ContainerRestarted",
-            ),
-            ("terminating is not death", vec![PodFacts { terminating: true, ..base.clone() }], HolderState::Alive, "PodTerminating"),
-            (
-                "phase Unknown is not death",
-                vec![PodFacts { phase: Some("Unknown".into()), ..base.clone() }],
-                HolderState::Unknown,
-                "PodPhaseUnknown",
-            ),
-            ("runner pod missing: confirm first", vec![], HolderState::Unknown, "ConfirmingAbsence"),
-            (
-                "two pods with the hostname",
-                vec![
-                    base.clone(),
-                    PodFacts { namespace: "atlantis".into(), name: "other".into(), hostname: Some("atlantis-0".into()), ..base.clone() },
-                ],
-                HolderState::Ambiguous,
-                "SeveralPods",
-            ),
-            (
-                "pod in a namespace holders may not use",
-                vec![PodFacts { namespace: "elsewhere".into(), ..base.clone() }],
-                HolderState::Unknown,
-                "ConfirmingAbsence",
-            ),
-        ];
-        for (what, pods, state, reason) in cases {
-            let v = judged(&lock("atlantis-0"), &pods);
-            assert_eq!((v.state, v.reason), (state, reason), "{what}: {}", v.message);
-            assert_eq!(v.evidence.is_some(), state == HolderState::Dead, "{what}: evidence exactly when dead");
-        }
-    }
-
-    #[test]
-    fn absence_counts_only_after_a_direct_read_says_404() {
-        let l = lock("atlantis-3");
-        let v = judged(&l, &[]);
-        assert_eq!(v.needs_direct_read, Some(("atlantis".into(), "atlantis-3".into())));
-        for (direct, state) in [
-            (DirectRead::NotFound, HolderState::Dead),
-            (DirectRead::Exists, HolderState::Unknown),
-            (DirectRead::Failed, HolderState::Unknown),
-        ] {
-            assert_eq!(judge(&l, &[], &policy(), Cache::Synced, direct).state, state, "{direct:?}");
-        }
-    }
-
-    #[test]
-    fn hosts_outside_the_runner_pattern_are_external_and_never_expire() {
-        let v = judge(&lock("laptop-of-jane"), &[], &policy(), Cache::Synced, DirectRead::NotFound);
-        assert_eq!(v.state, HolderState::External);
-        let v = judge(&LockFacts { hostname: None, ..lock("") }, &[], &policy(), Cache::Synced, DirectRead::NotFound);
-        assert_eq!(v.state, HolderState::External);
-    }
-
-    #[test]
-    fn an_unsynced_cache_decides_nothing() {
-        let v = judge(&lock("atlantis-0"), &[], &policy(), Cache::NotSynced, DirectRead::NotFound);
-        assert_eq!((v.state, v.reason), (HolderState::Unknown, "CacheNotSynced"));
-    }
-
-    #[test]
-    fn the_gateway_pod_is_the_strongest_evidence() {
-        let base = pod("atlantis", "atlantis-0");
-        let g = LockFacts {
-            gateway_pod: Some(PodRef { namespace: "atlantis".into(), name: "atlantis-0".into(), uid: Some("uid-atlantis-0".into()) }),
-            ..lock("something-else")
-        };
-        let v = judged(&g, std::slice::from_ref(&base));
-        assert_eq!((v.state, v.identified_by_gateway), (HolderState::Alive, true));
-        let replaced = PodFacts { uid: "uid-new".into(), ..base };
-        assert_eq!(judged(&g, &[replaced]).reason, "PodReplaced");
-        assert_eq!(judged(&g, &[]).needs_direct_read, Some(("atlantis".into(), "atlantis-0".into())));
-    }
-
-    #[test]
-    fn without_a_created_time_time_based_evidence_is_skipped() {
-        let l = LockFacts { created: None, ..lock("atlantis-0") };
-        let young = PodFacts { created: T0 + 100 * S, ..pod("atlantis", "atlantis-0") };
-        assert_eq!(judged(&l, &[young]).state, HolderState::Alive);
-    }
-
-    fn arb_pod() -> impl Strategy<Value = PodFacts> {
-        (
-            prop_oneof![Just("atlantis"), Just("other")],
-            prop_oneof![Just("atlantis-0"), Just("atlantis-1")],
-            prop_oneof![Just(None), Just(Some("atlantis-0".to_owned()))],
-            -100i128..100,
-            prop_oneof![Just(None), Just(Some("Pending")), Just(Some("Running")), Just(Some("Unknown"))],
-            any::<bool>(),
-            proptest::option::of(-100i128..100),
-        )
-            .prop_map(|(ns, name, hostname, created, phase, terminating, started)| PodFacts {
-                namespace: ns.into(),
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                hostname,
-                created: T0 + created * S,
-                phase: phase.map(str::to_owned),
-                terminating,
-                containers: vec![ContainerFacts { name: "runner".into(), running_since: started.map(|s| T0 + s * S) }],
-                holder_container: None,
-            })
-    }
-
-    proptest! {
-        /// A holder that is alive by construction (created before the lock, running, its only
-        /// container started before the lock, same UID) is never judged dead, whatever other pods
-        /// exist, whatever the cache or a direct read says.
-        #[test]
-        fn a_live_holder_is_never_judged_dead(
-            others in proptest::collection::vec(arb_pod(), 0..6),
-            age in 0i128..10_000,
-            start in 0i128..10_000,
-            terminating in any::<bool>(),
-            direct in prop_oneof![Just(DirectRead::NotDone), Just(DirectRead::NotFound), Just(DirectRead::Exists), Just(DirectRead::Failed)],
-            synced in any::<bool>(),
-            gateway in any::<bool>(),
-        ) {
-            let holder = PodFacts {
-                namespace: "atlantis".into(),
-                name: "atlantis-0".into(),
-                uid: "uid-holder".into(),
-                created: T0 - age * S,
-                phase: Some("Running".into()),
-                terminating,
-                containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 - start * S) }],
-                ..PodFacts::default()
-            };
-            // Other pods may not share the holder's namespace and name (names are unique).
-            let mut pods: Vec<PodFacts> = others.into_iter().filter(|p| !(p.namespace == "atlantis" && p.name == "atlantis-0")).collect();
-            pods.push(holder.clone());
-            let l = LockFacts {
-                created: Some(T0),
-                hostname: Some("atlantis-0".into()),
-                gateway_pod: gateway.then(|| PodRef { namespace: "atlantis".into(), name: "atlantis-0".into(), uid: Some("uid-holder".into()) }),
-            };
-            let v = judge(&l, &pods, &policy(), if synced { Cache::Synced } else { Cache::NotSynced }, direct);
-            prop_assert_ne!(v.state, HolderState::Dead, "{:?}", v);
-        }
-
-        /// The same over sequences of pod events: the judge is stateless, so every snapshot of a
-        /// history in which the holder stays alive must be judged not dead.
-        #[test]
-        fn no_sequence_of_pod_events_makes_a_live_holder_dead(history in proptest::collection::vec(proptest::collection::vec(arb_pod(), 0..4), 1..12)) {
-            let holder = PodFacts {
-                namespace: "atlantis".into(),
-                name: "atlantis-0".into(),
-                uid: "uid-holder".into(),
-                created: T0 - 60 * S,
-                phase: Some("Running".into()),
-                containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 - 50 * S) }],
-                ..PodFacts::default()
-            };
-            for snapshot in history {
-                let mut pods: Vec<PodFacts> = snapshot.into_iter().filter(|p| !(p.namespace == "atlantis" && p.name == "atlantis-0")).collect();
-                pods.push(holder.clone());
-                let v = judge(&lock("atlantis-0"), &pods, &policy(), Cache::Synced, DirectRead::NotFound);
-                prop_assert_ne!(v.state, HolderState::Dead, "{:?}", v);
-            }
-        }
-
-        /// Dead always comes with evidence, and evidence only with Dead.
-        #[test]
-        fn evidence_exactly_when_dead(pods in proptest::collection::vec(arb_pod(), 0..5), host in prop_oneof![Just("atlantis-0"), Just("atlantis-1"), Just("laptop")]) {
-            let v = judge(&lock(host), &pods, &policy(), Cache::Synced, DirectRead::NotDone);
-            prop_assert_eq!(v.evidence.is_some(), v.state == HolderState::Dead);
-        }
-    }
-}
+mod tests;

@@ -1,8 +1,11 @@
 //! Manual unlock through annotations: what a request means (pure).
 //!
 //! `statelock.dev/force-unlock: <lock ID>` asks statelock to release the lock through the same
-//! conditional delete as expiry. The ID must match (as with `terraform force-unlock`); a live
-//! holder is refused unless `statelock.dev/force-unlock-live: "true"` is set too. The request is
+//! conditional delete as expiry. The ID must match the lock item as a strongly consistent read
+//! returns it (as with `terraform force-unlock`). Without `statelock.dev/force-unlock-live: "true"`
+//! only a Dead holder (judged from the authorities) or an External one (outside the cluster: the
+//! person decides, as with `terraform force-unlock`) is released; Alive, Unknown and Ambiguous
+//! holders need the override. The request is
 //! consumed (the annotations are removed) whatever the outcome, and an event says what happened.
 //! Manual unlock works in Observe mode too: it is a person's decision, not the controller's.
 
@@ -18,7 +21,8 @@ pub enum UnlockDecision {
     Release,
     /// The requested ID is not this lock's: release nothing.
     WrongId { requested: String, actual: Option<String> },
-    /// The holder is alive and the live override is not set.
+    /// The holder is not known to be dead (Alive, Unknown or Ambiguous) and the live override is
+    /// not set.
     RefusedLiveHolder,
 }
 
@@ -27,7 +31,8 @@ pub fn decide(requested: &str, lock_id: Option<&str>, holder: HolderState, live_
     if lock_id != Some(requested.trim()) {
         return UnlockDecision::WrongId { requested: requested.to_owned(), actual: lock_id.map(str::to_owned) };
     }
-    if holder == HolderState::Alive && live_override.map(str::trim) != Some("true") {
+    let needs_override = !matches!(holder, HolderState::Dead | HolderState::External);
+    if needs_override && live_override.map(str::trim) != Some("true") {
         return UnlockDecision::RefusedLiveHolder;
     }
     UnlockDecision::Release
@@ -43,7 +48,10 @@ mod tests {
         let right = "1edde332-0dcf-0332-cbb0-ed1b3daf868d";
         assert_eq!(decide(right, id, HolderState::Dead, None), UnlockDecision::Release);
         assert_eq!(decide(right, id, HolderState::External, None), UnlockDecision::Release);
-        assert_eq!(decide(right, id, HolderState::Unknown, None), UnlockDecision::Release);
+        assert_eq!(decide(right, id, HolderState::Unknown, None), UnlockDecision::RefusedLiveHolder);
+        assert_eq!(decide(right, id, HolderState::Ambiguous, None), UnlockDecision::RefusedLiveHolder);
+        assert_eq!(decide(right, id, HolderState::Unknown, Some("true")), UnlockDecision::Release);
+        assert_eq!(decide(right, id, HolderState::Ambiguous, Some("true")), UnlockDecision::Release);
         assert_eq!(decide(right, id, HolderState::Alive, None), UnlockDecision::RefusedLiveHolder);
         assert_eq!(decide(right, id, HolderState::Alive, Some("false")), UnlockDecision::RefusedLiveHolder);
         assert_eq!(decide(right, id, HolderState::Alive, Some("true")), UnlockDecision::Release);

@@ -4,3 +4,4 @@
 pub mod controller;
 pub mod holder_liveness;
 pub mod manual_unlock;
+pub mod pod_hostname;

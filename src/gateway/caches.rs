@@ -18,7 +18,10 @@ use kube::{
     },
 };
 
-use crate::crd::LockSource;
+use crate::{
+    crd::LockSource,
+    expiry::{controller::pod_facts, holder_liveness::HolderNamespaces},
+};
 
 /// Pods by the IPs in `status.podIPs` (and `status.podIP`).
 #[derive(Debug, Default)]
@@ -144,23 +147,54 @@ impl Caches {
         let _ = self.synced.clone().wait_for(|done| *done).await;
     }
 
-    /// The caller's pod, when exactly one live pod has its address (host-network pods share the
-    /// node's, and then the address identifies nobody).
-    pub fn caller_pod(&self, ip: IpAddr) -> Option<Arc<Pod>> {
-        let mut found =
-            self.pod_ips.lookup(ip).into_iter().filter_map(|r| self.pods.get(&r)).filter(|p| p.metadata.deletion_timestamp.is_none());
+    /// The caller, by its source address: a pod only when exactly one running, non-terminating
+    /// pod has the address. Completed pods keep their address in the API and CNIs reuse
+    /// addresses, and host-network pods share their node's: such an address identifies nobody.
+    pub fn caller(&self, ip: IpAddr) -> Caller {
+        let pods: Vec<Arc<Pod>> = self.pod_ips.lookup(ip).into_iter().filter_map(|r| self.pods.get(&r)).collect();
+        let live: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_running(p)).collect();
+        match live.as_slice() {
+            [one] => Caller::Pod((*one).clone()),
+            [] => Caller::NotAPod,
+            _ => Caller::Unidentified { pods: live.len() },
+        }
+    }
+
+    /// The pod a `Who` host part names (by the kubelet's hostname rules), among `namespaces`, when
+    /// exactly one running pod does.
+    pub fn pod_by_hostname(&self, host: &str, namespaces: &HolderNamespaces) -> Option<Arc<Pod>> {
+        let mut found = self
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| namespaces.allows(&p.namespace().unwrap_or_default()) && is_running(p) && pod_facts(p).host.yields(host));
         let first = found.next()?;
         found.next().is_none().then_some(first)
     }
+}
 
-    /// The pod a `Who` host part names, among `namespaces`, when exactly one does.
-    pub fn pod_by_hostname(&self, host: &str, namespaces: &[String]) -> Option<Arc<Pod>> {
-        let mut found = namespaces
-            .iter()
-            .filter_map(|ns| self.pods.get(&ObjectRef::new(host).within(ns)))
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && p.name_any() == host);
-        let first = found.next()?;
-        found.next().is_none().then_some(first)
+/// Running and not terminating.
+fn is_running(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+/// Who a gateway caller is.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// Exactly one running pod has the caller's address.
+    Pod(Arc<Pod>),
+    /// Several running pods share the address (host network): nobody in particular.
+    Unidentified { pods: usize },
+    /// No running pod has the address.
+    NotAPod,
+}
+
+impl Caller {
+    pub fn pod(&self) -> Option<&Arc<Pod>> {
+        match self {
+            Self::Pod(p) => Some(p),
+            _ => None,
+        }
     }
 }
 

@@ -8,6 +8,14 @@ use serde_json::{Map, Value, json};
 use super::protocol::Item;
 
 // Binary values travel base64-encoded in DynamoDB's JSON; the SDK's own codec reads and writes them.
+//
+// Invalid base64 decodes to empty bytes here, which would silently corrupt a value on its way to
+// DynamoDB. That is safe only because `protocol::parse` is the gatekeeper: every attribute value it
+// lets through (Item, Key, ExpressionAttributeValues) is exactly `{"S": "<string>"}`, the only type
+// Terraform, OpenTofu and statelock's release use, so no request value ever reaches the B/BS arms of
+// `to_sdk`. Those arms (and the other types) remain for the round trip with `from_sdk`, whose input,
+// DynamoDB's answers, may hold any type. Whoever widens the parser to admit B or BS must first make
+// this conversion fail on invalid base64 instead of returning empty bytes.
 fn b64_decode(s: &str) -> Vec<u8> {
     aws_smithy_types::base64::decode(s).unwrap_or_default()
 }
@@ -16,7 +24,8 @@ fn b64_encode(data: &[u8]) -> String {
     aws_smithy_types::base64::encode(data)
 }
 
-/// JSON form (already validated by the protocol parser) to the SDK type.
+/// JSON form (already validated by the protocol parser, which admits only `{"S": ...}` values into
+/// requests; see the note on `b64_decode`) to the SDK type.
 pub fn to_sdk(v: &Value) -> AttributeValue {
     let Some((ty, inner)) = v.as_object().and_then(|o| o.iter().next()) else { return AttributeValue::Null(true) };
     let strings =

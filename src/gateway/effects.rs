@@ -401,7 +401,7 @@ impl Effects {
         });
         let mut obj = api.patch(name, &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body)).await?;
         if let (Some(p), Some(lock_id)) = (pod, record.info.id.as_deref()) {
-            let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "seenAt": Timestamp::now().to_string()});
+            let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "infoSha256": record.info_sha256, "seenAt": Timestamp::now().to_string()});
             let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"gatewayHolder": holder}});
             obj = api.patch_status(name, &PatchParams::apply(reasons::GATEWAY_MANAGER).force(), &Patch::Apply(&status)).await?;
         }
@@ -491,12 +491,7 @@ impl Effects {
             return Some(p.clone());
         }
         let host = w.who.as_deref().and_then(|who| split_who(who).1)?;
-        let namespaces = if source.spec.holders.namespaces.is_empty() {
-            source.spec.gateway.allowed_namespaces.clone().unwrap_or_else(|| source.namespace().into_iter().collect())
-        } else {
-            source.spec.holders.namespaces.clone()
-        };
-        self.caches.pod_by_hostname(host, &namespaces)
+        self.caches.pod_by_hostname(host, &source.spec.holders.resolved_namespaces(&source.namespace().unwrap_or_default()))
     }
 
     async fn remove_lock(&self, api: &Api<StateLock>, lock: &StateLock, releases: u32) -> Result<(), kube::Error> {

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use super::{
-    caches::Caches,
+    caches::{Caches, Caller},
     convert,
     effects::{Effects, EffectsConfig},
     memory::MemoryTables,
@@ -50,10 +50,12 @@ use crate::{
     crd::LockSource,
     dynamo::{
         self,
-        lock_item::{TableItem, parse_item},
+        lock_item::{TableItem, parse_item, split_who},
     },
+    expiry::controller::pod_facts,
     metrics::{AttemptLabels, AttemptResult, Metrics, Operation, OperationLabels, RequestLabels},
     reasons,
+    tenancy::TenancyPolicy,
 };
 
 /// Where calls go.
@@ -72,15 +74,23 @@ pub struct Gateway {
     backend: Backend,
     effects: Arc<Effects>,
     metrics: Arc<Metrics>,
+    tenancy: Arc<TenancyPolicy>,
     clients: Mutex<HashMap<String, aws_sdk_dynamodb::Client>>,
 }
 
 impl Gateway {
     /// A gateway with its own pod and LockSource caches (started here).
-    pub fn new(client: Client, recorder: Recorder, backend: Backend, metrics: Arc<Metrics>, config: EffectsConfig) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        backend: Backend,
+        metrics: Arc<Metrics>,
+        config: EffectsConfig,
+        tenancy: Arc<TenancyPolicy>,
+    ) -> Arc<Self> {
         let caches = Caches::start(&client);
         let effects = Effects::new(client.clone(), recorder.clone(), caches.clone(), &metrics, config);
-        Arc::new(Self { client, recorder, caches, backend, effects, metrics, clients: Mutex::new(HashMap::new()) })
+        Arc::new(Self { client, recorder, caches, backend, effects, metrics, tenancy, clients: Mutex::new(HashMap::new()) })
     }
 
     /// Resolves once the pod and LockSource caches hold a complete list.
@@ -152,25 +162,71 @@ pub fn cidr_contains(range: &str, ip: IpAddr) -> bool {
     }
 }
 
-/// The LockSource that serves `table` to this caller, or why none may.
-fn choose_source(sources: &Store<LockSource>, table: &str, pod_ns: Option<&str>, ip: IpAddr) -> Result<Arc<LockSource>, DynamoErrorBody> {
-    let mut candidates: Vec<Arc<LockSource>> = sources.state().into_iter().filter(|s| s.spec.dynamodb.table_name == table).collect();
+/// The region a SigV4-signed request was signed for (`Credential=<key>/<date>/<region>/dynamodb/aws4_request`).
+pub fn signed_region(headers: &HeaderMap) -> Option<String> {
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let cred = auth.split([',', ' ']).find_map(|part| part.trim().strip_prefix("Credential="))?;
+    let mut parts = cred.split('/');
+    let region = parts.nth(2)?;
+    (!region.is_empty() && region.len() <= 64).then(|| region.to_owned())
+}
+
+/// The LockSource that serves `table` in `region` to this caller, or why none may.
+///
+/// A pod is admitted by its namespace only; `allowedSourceRanges` admits callers that are not
+/// pods. When more than one LockSource could serve the call (two tables of one name in two
+/// accounts, or another namespace's LockSource that admits the caller), the call is refused with
+/// the conflict named: the gateway never guesses whose table a lock belongs in.
+fn choose_source(
+    sources: &Store<LockSource>,
+    table: &str,
+    region: Option<&str>,
+    caller: &Caller,
+    ip: IpAddr,
+) -> Result<Arc<LockSource>, DynamoErrorBody> {
+    let mut candidates: Vec<Arc<LockSource>> = sources
+        .state()
+        .into_iter()
+        .filter(|s| s.spec.dynamodb.table_name == table && region.is_none_or(|r| s.spec.dynamodb.region == r))
+        .collect();
     if candidates.is_empty() {
         return Err(DynamoErrorBody::resource_not_found(table));
     }
     candidates.sort_by_key(|s| (s.namespace(), s.name_any()));
-    let allowed = |s: &LockSource| {
-        let ns_ok = pod_ns.is_some_and(|ns| match &s.spec.gateway.allowed_namespaces {
+    let pod_ns = caller.pod().and_then(|p| p.namespace());
+    let allowed = |s: &LockSource| match &pod_ns {
+        Some(ns) => match &s.spec.gateway.allowed_namespaces {
             Some(list) => list.iter().any(|n| n == ns),
-            None => s.namespace().as_deref() == Some(ns),
-        });
-        ns_ok || s.spec.gateway.allowed_source_ranges.iter().any(|r| cidr_contains(r, ip))
+            None => s.namespace().as_deref() == Some(ns.as_str()),
+        },
+        None => s.spec.gateway.allowed_source_ranges.iter().any(|r| cidr_contains(r, ip)),
     };
     let ok: Vec<Arc<LockSource>> = candidates.into_iter().filter(|s| allowed(s)).collect();
-    ok.iter().find(|s| pod_ns.is_some_and(|ns| s.namespace().as_deref() == Some(ns))).or(ok.first()).cloned().ok_or_else(|| {
-        let who = pod_ns.map_or_else(|| format!("caller {ip} (not a known pod)"), |ns| format!("pods in namespace {ns}"));
-        DynamoErrorBody::access_denied(format!("{who} may not use table {table} through the statelock gateway"))
-    })
+    match ok.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => {
+            let who = match (caller, &pod_ns) {
+                (_, Some(ns)) => format!("pods in namespace {ns}"),
+                (Caller::Unidentified { pods }, None) => {
+                    format!("caller {ip} (an address {pods} running pods share, so no pod in particular)")
+                }
+                _ => format!("caller {ip} (not a known pod)"),
+            };
+            let where_ = region.map(|r| format!(" in region {r}")).unwrap_or_default();
+            Err(DynamoErrorBody::access_denied(format!("{who} may not use table {table}{where_} through the statelock gateway")))
+        }
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|s| format!("{}/{} ({})", s.namespace().unwrap_or_default(), s.name_any(), s.spec.dynamodb.region))
+                .collect();
+            Err(DynamoErrorBody::validation(format!(
+                "the statelock gateway refuses to guess: LockSources {} all serve table {table}{} to this caller; sign the request for one region or narrow the LockSources' gateway.allowedNamespaces",
+                names.join(", "),
+                region.map(|r| format!(" in region {r}")).unwrap_or_default()
+            )))
+        }
+    }
 }
 
 async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, body: Body) -> Response {
@@ -188,7 +244,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<S
     async move {
         let started = Instant::now();
         let result = match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, protocol::MAX_BODY_BYTES).collect()).await {
-            Ok(Ok(body)) => process(&gw, &target, &body.to_bytes(), peer.ip()).await,
+            Ok(Ok(body)) => process(&gw, &target, signed_region(&headers).as_deref(), &body.to_bytes(), peer.ip()).await,
             Ok(Err(e)) if e.is::<LengthLimitError>() => Err(DynamoErrorBody::too_large()),
             Ok(Err(e)) => Err(DynamoErrorBody::serialization(format!("failed to read the request body: {e}"))),
             Err(_) => {
@@ -209,25 +265,61 @@ async fn handle(State(gw): State<Arc<Gateway>>, ConnectInfo(peer): ConnectInfo<S
     .await
 }
 
-async fn process(gw: &Arc<Gateway>, target: &str, body: &[u8], ip: IpAddr) -> Result<Value, DynamoErrorBody> {
+async fn process(gw: &Arc<Gateway>, target: &str, region: Option<&str>, body: &[u8], ip: IpAddr) -> Result<Value, DynamoErrorBody> {
     let req = protocol::parse(target, body)?;
     if let Some(id) = req.lock_id() {
         tracing::Span::current().record("lock_id", id);
     }
-    let pod = gw.caches.caller_pod(ip);
-    let pod_ns = pod.as_ref().and_then(|p| p.namespace());
-    let source = match choose_source(&gw.caches.sources, req.table(), pod_ns.as_deref(), ip) {
+    let caller = gw.caches.caller(ip);
+    let source = match choose_source(&gw.caches.sources, req.table(), region, &caller, ip) {
         Ok(s) => s,
         Err(e) => {
-            if e.code() == "AccessDeniedException" {
-                deny_event(gw, req.table(), pod.as_deref(), &e.message).await;
+            if e.code() != "ResourceNotFoundException" {
+                deny_event(gw, req.table(), caller.pod().map(|p| &**p), &e.message).await;
             }
             return Err(e);
         }
     };
+    let pod = holder_candidate(gw, &req, caller.pod().cloned());
     let outcome = execute(gw, &source, &req).await;
     note_effects(gw, &source, &req, pod, &outcome);
     outcome.map(|(v, _)| v)
+}
+
+/// The caller's pod as the holder of a lock it takes, only when the pod's hostname (as the
+/// kubelet gives it) is the host in the lock's `Who`: otherwise the call is forwarded all the same,
+/// but the pod is not recorded as the holder, and an event says why.
+fn holder_candidate(gw: &Arc<Gateway>, req: &Request, pod: Option<Arc<Pod>>) -> Option<Arc<Pod>> {
+    let pod = pod?;
+    let Request::PutItem { item, .. } = req else { return Some(pod) };
+    let Some(info) = protocol::info_of(item) else { return Some(pod) };
+    let who: Option<String> =
+        serde_json::from_str::<Value>(info).ok().and_then(|v| v.get("Who").and_then(Value::as_str).map(str::to_owned));
+    let host = who.as_deref().and_then(|w| split_who(w).1);
+    let facts = pod_facts(&pod);
+    if host.is_some_and(|h| facts.host.yields(h)) {
+        return Some(pod);
+    }
+    let message = format!(
+        "pod {}/{} took a lock whose Who ({}) names another host than the pod's hostname ({}); it is not recorded as the holder",
+        facts.namespace(),
+        facts.name(),
+        crate::dynamo::lock_item::truncate(who.as_deref().unwrap_or("none"), 256),
+        facts.host.short_hostname().unwrap_or_else(|| "the node's, host network".into())
+    );
+    warn!(%message, "gateway holder mismatch");
+    let (recorder, pod_ref) = (gw.recorder.clone(), pod.object_ref(&()));
+    tokio::spawn(async move {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reasons::GATEWAY_HOLDER_MISMATCH.into(),
+            note: Some(message),
+            action: "Gateway".into(),
+            secondary: None,
+        };
+        let _ = recorder.publish(&event, &pod_ref).await;
+    });
+    None
 }
 
 /// Record what the call means for the StateLock; [`Effects`] applies it off the request path.
@@ -337,7 +429,9 @@ async fn client_for(gw: &Gateway, source: &LockSource) -> Result<aws_sdk_dynamod
     if let Some(c) = gw.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
         return Ok(c.clone());
     }
-    let creds = dynamo::source_credentials::for_source(&gw.client, source).await.map_err(DynamoErrorBody::internal)?;
+    let creds = dynamo::source_credentials::for_source(&gw.client, &gw.tenancy, source)
+        .await
+        .map_err(|e| DynamoErrorBody::access_denied(format!("the statelock gateway does not serve this table: {e}")))?;
     let d = &source.spec.dynamodb;
     let c = dynamo::passthrough_client(&d.region, d.endpoint.as_deref(), creds).await;
     gw.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, c.clone());

@@ -50,6 +50,7 @@ use crate::{
     leader::Leadership,
     metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, SourceLabels},
     reasons,
+    tenancy::TenancyPolicy,
 };
 
 /// How often a followed stream is polled.
@@ -64,14 +65,16 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Only the leader reads tables and writes; every replica watches LockSources.
     pub leader: Leadership,
+    /// Which LockSources may be served, and with whose identity.
+    pub tenancy: Arc<TenancyPolicy>,
     /// Table read capacity consumed so far, in thousandths of an RCU, counted as DynamoDB bills
     /// it (see [`dynamo::capacity`]); stream reads are billed separately and not counted here.
     pub read_units_milli: AtomicU64,
 }
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, leader: Leadership) -> Self {
-        Self { client, recorder, metrics, leader, read_units_milli: AtomicU64::new(0) }
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, leader: Leadership, tenancy: Arc<TenancyPolicy>) -> Self {
+        Self { client, recorder, metrics, leader, tenancy, read_units_milli: AtomicU64::new(0) }
     }
 
     fn add_read_units(&self, source: &LockSource, units: f64) {
@@ -93,8 +96,8 @@ impl Context {
 /// Why one sync pass failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("{reason}")]
-    ReadCredentials { reason: String },
+    #[error(transparent)]
+    ReadCredentials(#[from] dynamo::source_credentials::SourceAccessError),
     #[error(transparent)]
     Dynamo(#[from] dynamo::DynamoError),
     #[error("sync mode Streams needs a DynamoDB Stream on table {table}, and it has none")]
@@ -115,7 +118,7 @@ impl SyncError {
     /// Stable reason for conditions, events and metric labels.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::ReadCredentials { .. } => "CredentialsUnavailable",
+            Self::ReadCredentials(e) => e.reason(),
             Self::Dynamo(_) => "TableUnreadable",
             Self::StreamNotEnabled { .. } => "StreamNotEnabled",
             Self::Stream(_) => "StreamUnreadable",
@@ -400,7 +403,7 @@ struct PassSummary {
 }
 
 async fn credentials(ctx: &Context, source: &LockSource) -> Result<Option<StaticCredentials>, SyncError> {
-    dynamo::source_credentials::for_source(&ctx.client, source).await.map_err(|reason| SyncError::ReadCredentials { reason })
+    Ok(dynamo::source_credentials::for_source(&ctx.client, &ctx.tenancy, source).await?)
 }
 
 async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<PassSummary, SyncError> {

@@ -217,6 +217,10 @@ pub async fn run(args: SandboxArgs) -> Result<(), SandboxError> {
         lease_name: "statelock".into(),
         lease_namespace: None,
         lease_duration: Duration::from_secs(15),
+        // The sandbox's LockSource reads its in-memory tables through the sandbox's own gateway,
+        // with the sandbox's dummy identity.
+        aws_identity_namespaces: vec![NAMESPACE.into()],
+        allowed_endpoints: vec![format!("http://127.0.0.1:{gateway_port}")],
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let demo = if args.demo {

@@ -313,6 +313,10 @@ pub fn statelock_command() -> tokio::process::Command {
         .env("AWS_ACCESS_KEY_ID", "AKIAFAKE")
         .env("AWS_SECRET_ACCESS_KEY", "fake")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        // The tests' DynamoDB runs on loopback ports, and their LockSources live in several
+        // namespaces that all use this process's fake identity.
+        .env("STATELOCK_ALLOWED_ENDPOINTS", "http://127.0.0.1:*")
+        .env("STATELOCK_AWS_IDENTITY_NAMESPACES", "*")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     cmd
