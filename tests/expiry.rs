@@ -482,3 +482,238 @@ async fn many_holder_pods_deleted_at_once_all_release_their_locks() {
     .await;
     e.op.stop().await;
 }
+
+// ---- The safety issue's failure classes, end to end: the live lock survives, and the dead
+// holder's lock in the same setup is still released. -----------------------------------------
+
+/// A running pod in `ns` with an optional `spec.hostname`.
+async fn pod_in(cluster: &TestCluster, ns: &str, name: &str, hostname: Option<&str>) -> Pod {
+    let api: Api<Pod> = Api::namespaced(cluster.client(), ns);
+    let mut spec = json!({"containers": [{"name": "atlantis", "image": "atlantis"}]});
+    if let Some(h) = hostname {
+        spec["hostname"] = json!(h);
+    }
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("pod");
+    let pod = api.create(&PostParams::default(), &pod).await.expect("create pod");
+    let started = pod.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+    let status = json!({"status": {"phase": "Running", "containerStatuses": [{"name": "atlantis", "ready": true, "restartCount": 0, "image": "atlantis", "imageID": "", "state": {"running": {"startedAt": started}}}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.expect("pod status")
+}
+
+async fn lock_status(cluster: &TestCluster) -> statelock::crd::StateLockStatus {
+    Api::<StateLock>::namespaced(cluster.client(), NS).get(&state_lock_name(LOCK)).await.expect("StateLock").status.unwrap_or_default()
+}
+
+/// Class 1, with real Terraform: a runner pod whose name is longer than 63 characters takes the
+/// lock under its truncated hostname. It is found (established by hostname), the lock survives
+/// while it lives, and it is released once the pod is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_with_a_truncated_hostname_keeps_its_lock_while_it_lives() {
+    use std::{os::unix::process::CommandExt, process::Stdio};
+    let e = env("Release").await;
+    assert_eq!(http_request("PUT", &format!("{}/tfstate", e.moto.url()), ""), 200, "state bucket");
+    let name = format!("atlantis-{}", "1234567890".repeat(6));
+    assert!(name.len() > 63);
+    let host = name[..63].trim_end_matches(['-', '.']).to_owned();
+    pod_in(&e.cluster, RUNNERS, &name, None).await;
+    let tf = Terraform::modern();
+    let dir = e.cluster.dir.path().join("long");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("main.tf"),
+        format!(
+            "{}\nvariable \"v\" {{\n  default = \"a\"\n}}\noutput \"v\" {{\n  value = var.v\n}}\n",
+            tf.backend(&e.moto.url(), "app/terraform.tfstate", TABLE)
+        ),
+    )
+    .expect("main.tf");
+    let init = tf.command(&dir, &host, &["init", "-input=false", "-no-color"]).output().expect("init");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let mut apply = tf
+        .command(&dir, &host, &["apply", "-no-color", "-var", "v=b"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("apply");
+    let held = eventually(Duration::from_secs(60), "the lock taken", || async { lock_item(&e.db).await }).await;
+    assert!(held.contains(&format!("@{host}\"")), "Who names the truncated hostname: {held}");
+    wait_alive(&e).await;
+    let status = lock_status(&e.cluster).await;
+    let established = status.holder.and_then(|h| h.established).expect("established holder");
+    assert_eq!((established.pod.as_str(), established.by), (name.as_str(), statelock::crd::HolderIdentification::Hostname));
+    assert_never_released(&e, &held, HolderState::Alive).await;
+    // The runner dies hard; its pod goes: released.
+    let pgid = apply.id();
+    assert!(std::process::Command::new("kill").args(["-9", "--", &format!("-{pgid}")]).status().expect("kill").success());
+    let _ = apply.wait();
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete(&name, &DeleteParams::default()).await.expect("delete pod");
+    wait_released(&e, "PodNotFound").await;
+    e.op.stop().await;
+}
+
+/// Class 2: pods with the holder's hostname elsewhere (another namespace) or created after the
+/// lock (in the holder namespace, through spec.hostname) are never the holder: the live lock
+/// survives them, and the holder's own death still releases it.
+#[tokio::test(flavor = "multi_thread")]
+async fn look_alike_pods_never_stand_in_for_the_holder() {
+    let e = env("Release").await;
+    e.cluster.create_namespace("elsewhere").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    let info = take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    eventually(Duration::from_secs(10), "the lock older than the skew tolerance", || async {
+        let created: serde_json::Value = serde_json::from_str(&info).ok()?;
+        let created: k8s_openapi::jiff::Timestamp = created["Created"].as_str()?.parse().ok()?;
+        (k8s_openapi::jiff::Timestamp::now().duration_since(created).as_secs() >= 3).then_some(())
+    })
+    .await;
+    pod_in(&e.cluster, "elsewhere", "atlantis-0", None).await;
+    pod_in(&e.cluster, RUNNERS, "impostor", Some("atlantis-0")).await;
+    assert_never_released(&e, &info, HolderState::Alive).await;
+    let status = lock_status(&e.cluster).await;
+    assert_eq!(status.holder.and_then(|h| h.established).map(|x| x.pod).as_deref(), Some("atlantis-0"));
+    // The holder dies: the impostor (created after the lock) does not keep the lock alive either.
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    wait_released(&e, "PodNotFound").await;
+    e.op.stop().await;
+}
+
+/// Class 3: a user edits the StateLock spec (Created far in the past, Who naming a runner that
+/// does not exist): nothing is released, since every release is judged on the item DynamoDB
+/// returns. The holder's own death still releases it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edited_spec_never_releases_a_live_lock() {
+    let e = env("Release").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    let info = take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    let locks: Api<StateLock> = Api::namespaced(e.cluster.client(), NS);
+    let edit = json!({"spec": {"lockInfo": {"created": "2020-01-01T00:00:00Z", "who": "root@atlantis-9"}}});
+    locks.patch(&state_lock_name(LOCK), &PatchParams::default(), &Patch::Merge(&edit)).await.expect("edit the spec");
+    // Whatever the controller thinks of the edited spec, the item survives several reconciles.
+    tokio::time::sleep(Duration::from_secs(4)).await; // an observation window for an absence
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(info.as_str()), "an edited spec releases nothing");
+    assert!(!reasons_on_lock(&e.cluster).await.iter().any(|r| r == "LockExpired"));
+    eventually(Duration::from_secs(30), "the mirror restores the spec", || async {
+        let l = locks.get(&state_lock_name(LOCK)).await.ok()?;
+        (l.spec.lock_info.who.as_deref() == Some("root@atlantis-0")).then_some(())
+    })
+    .await;
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    wait_released(&e, "PodNotFound").await;
+    e.op.stop().await;
+}
+
+/// Class 7: a manual unlock of a holder that is not known to be dead (phase Unknown: its node may
+/// be partitioned with the process running) is refused without the override, and carried out with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_unlock_of_an_unknown_holder_needs_the_override() {
+    let e = env("Release").await;
+    runner_pod(&e.cluster, "atlantis-0").await;
+    let info = take_lock(&e.db, "root@atlantis-0").await;
+    wait_alive(&e).await;
+    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS)
+        .patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Unknown"}})))
+        .await
+        .expect("unknown");
+    eventually(Duration::from_secs(20), "PodPhaseUnknown", || async {
+        holder_state(&e.cluster).await.filter(|(_, r)| r == "PodPhaseUnknown")
+    })
+    .await;
+    let id = "1edde332-0dcf-0332-cbb0-ed1b3daf868d";
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id})).await;
+    wait_event(&e.cluster, "UnlockRefused").await;
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(info.as_str()), "an Unknown holder is not released without the override");
+    eventually(Duration::from_secs(10), "status.release says why", || async {
+        (lock_status(&e.cluster).await.release.map(|r| r.reason).as_deref() == Some("UnlockRefused")).then_some(())
+    })
+    .await;
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id, "statelock.dev/force-unlock-live": "true"})).await;
+    wait_event(&e.cluster, "ForceUnlocked").await;
+    assert_eq!(lock_item(&e.db).await, None);
+    e.op.stop().await;
+}
+
+/// Class 8: a malformed lock item whose Who names a gone runner is never released in Release
+/// mode; a well-formed lock of a gone runner in the same table is.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_items_are_never_released_automatically() {
+    let e = env("Release").await;
+    let bad = r#"{"ID":"x","Operation":1,"Who":"root@atlantis-7","Created":"2020-01-01T00:00:00Z"}"#;
+    put_item(&e.db, TABLE, &[("LockID", LOCK), ("Info", bad)]).await;
+    let gone = "tfstate/gone/terraform.tfstate";
+    put_item(&e.db, TABLE, &[("LockID", gone), ("Info", &terraform_info("g-1", "root@atlantis-8", gone, &now_rfc3339()))]).await;
+    eventually(Duration::from_secs(30), "the well-formed lock of a gone runner released", || async {
+        let r = e.db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(gone.into())).consistent_read(true).send().await.ok()?;
+        r.item.is_none().then_some(())
+    })
+    .await;
+    let state = eventually(Duration::from_secs(30), "LockMalformed", || async {
+        holder_state(&e.cluster).await.filter(|(_, r)| r == "LockMalformed")
+    })
+    .await;
+    assert_eq!(state.0, HolderState::Unknown);
+    tokio::time::sleep(Duration::from_secs(3)).await; // an observation window for an absence
+    assert_eq!(lock_item(&e.db).await.as_deref(), Some(bad), "a malformed lock stays");
+    e.op.stop().await;
+}
+
+/// Classes 4 and 9: a LockSource whose grace period is too large to be safe, or that names an
+/// endpoint outside the operator's allow-list, is refused with a condition that says why, and
+/// its locks are never released; a LockSource in another namespace without a Secret may not use
+/// the operator's identity.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_lock_sources_say_why_and_release_nothing() {
+    use statelock::crd::LockSource;
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    for ns in ["team-a", "team-b", "team-c", RUNNERS] {
+        cluster.create_namespace(ns).await;
+    }
+    let spec = |grace: &str| {
+        json!({
+            "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()},
+            "sync": {"mode": "Scan", "interval": "1s"},
+            "holders": {"namespaces": [RUNNERS], "hostnamePattern": "atlantis-[0-9]+"},
+            "expiry": {"mode": "Release", "gracePeriod": grace}
+        })
+    };
+    cluster.create_lock_source("team-a", "huge-grace", spec("99999999h")).await;
+    let mut elsewhere = spec("0s");
+    elsewhere["dynamodb"]["endpoint"] = json!("http://127.0.0.1:1");
+    elsewhere["dynamodb"]["credentialsSecretRef"] = json!({"name": "aws"});
+    cluster.create_lock_source("team-b", "not-allowed", elsewhere).await;
+    let mut no_endpoint = spec("0s");
+    no_endpoint["dynamodb"].as_object_mut().expect("dynamodb").remove("endpoint");
+    cluster.create_lock_source("team-c", "operator-identity", no_endpoint).await;
+    // The administrator allows this moto for team-a only, and the operator's identity nowhere
+    // but its own namespace.
+    let mut cmd = common::statelock_command();
+    cmd.env("STATELOCK_ALLOWED_ENDPOINTS", moto.url()).env("STATELOCK_AWS_IDENTITY_NAMESPACES", "team-a");
+    let op = Operator::start_with(&cluster, cmd);
+    // A runner that is gone holds a lock: a served LockSource in Release mode would release it.
+    put_item(&db, TABLE, &[("LockID", LOCK), ("Info", &terraform_info("r-1", "root@atlantis-5", LOCK, &now_rfc3339()))]).await;
+    let ready = |ns: &'static str, name: &'static str| {
+        let client = cluster.client();
+        async move {
+            let s = Api::<LockSource>::namespaced(client, ns).get(name).await.ok()?;
+            s.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False").map(|c| (c.reason, c.message))
+        }
+    };
+    let (reason, message) = eventually(Duration::from_secs(30), "huge grace refused", || ready("team-a", "huge-grace")).await;
+    assert_eq!(reason, "InvalidSpec", "{message}");
+    assert!(message.contains("gracePeriod"), "{message}");
+    let (reason, _) = eventually(Duration::from_secs(30), "endpoint refused", || ready("team-b", "not-allowed")).await;
+    assert_eq!(reason, "EndpointNotAllowed", "even with credentials of its own");
+    let (reason, _) = eventually(Duration::from_secs(30), "operator identity refused", || ready("team-c", "operator-identity")).await;
+    assert_eq!(reason, "OperatorIdentityNotAllowed");
+    tokio::time::sleep(Duration::from_secs(3)).await; // an observation window for an absence
+    let r = db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(LOCK.into())).consistent_read(true).send().await.expect("get");
+    assert!(r.item.is_some(), "no refused LockSource releases anything");
+    op.stop().await;
+}

@@ -228,8 +228,11 @@ async fn runners_are_told_apart_by_their_source_addresses() {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
     let mut uids = Vec::new();
     for (name, ip) in [("runner-a", &na.addr), ("runner-b", &nb.addr)] {
-        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "tf", "image": "tf"}]}}))
-            .expect("pod");
+        // Both pods set the same spec.hostname: Who cannot tell them apart, the address can.
+        let pod: Pod = serde_json::from_value(
+            json!({"metadata": {"name": name}, "spec": {"hostname": "runner", "containers": [{"name": "tf", "image": "tf"}]}}),
+        )
+        .expect("pod");
         let created = pods.create(&PostParams::default(), &pod).await.expect("pod");
         pods.patch_status(
             name,

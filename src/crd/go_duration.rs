@@ -17,6 +17,7 @@ pub const GO_DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))
 pub struct GoDuration {
     text: String,
     value: Duration,
+    problem: Option<String>,
 }
 
 /// Why a duration string was rejected.
@@ -31,9 +32,17 @@ pub enum GoDurationError {
 }
 
 impl GoDuration {
-    /// The parsed value.
+    /// The parsed value. A value that did not parse (only possible when read from the API, see
+    /// [`GoDuration::problem`]) reads as [`MAX_DURATION`]: the longest grace, the rarest sync.
     pub fn get(&self) -> Duration {
         self.value
+    }
+
+    /// Why the text is not a valid duration, when it is not. Objects read from the API keep an
+    /// invalid text instead of failing to decode (one bad LockSource must not break the watch of
+    /// every LockSource); the operator refuses such a LockSource with a condition.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
     }
 
     /// The text as written.
@@ -43,12 +52,12 @@ impl GoDuration {
 
     /// A duration of whole seconds, rendered as `<n>s`.
     pub fn from_secs(secs: u64) -> Self {
-        Self { text: format!("{secs}s"), value: Duration::from_secs(secs) }
+        Self { text: format!("{secs}s"), value: Duration::from_secs(secs), problem: None }
     }
 
     /// A duration of whole hours, rendered as `<n>h`.
     pub fn from_hours(hours: u64) -> Self {
-        Self { text: format!("{hours}h"), value: Duration::from_secs(hours * 3600) }
+        Self { text: format!("{hours}h"), value: Duration::from_secs(hours * 3600), problem: None }
     }
 }
 
@@ -56,7 +65,7 @@ impl FromStr for GoDuration {
     type Err = GoDurationError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Ok(Self { text: text.to_owned(), value: parse_go_duration(text)? })
+        Ok(Self { text: text.to_owned(), value: parse_go_duration(text)?, problem: None })
     }
 }
 
@@ -155,7 +164,11 @@ impl Serialize for GoDuration {
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
+        Ok(text.parse().unwrap_or_else(|e: GoDurationError| Self {
+            value: MAX_DURATION,
+            problem: Some(e.to_string()),
+            text: crate::dynamo::lock_item::truncate(&text, 64).to_owned(),
+        }))
     }
 }
 
@@ -195,6 +208,10 @@ mod tests {
     fn rejects_negative_unitless_and_garbage() {
         for text in ["-5s", "5", "", "+5s", "five seconds", "5 s", "5d", ".s", "1.h5", "1e400s", "s", "5sm", "00", "1..5s"] {
             assert!(text.parse::<GoDuration>().is_err(), "{text} must be rejected");
+            // Read from the API, it decodes (so one bad object never breaks a watch) but says why.
+            let d: GoDuration = serde_json::from_value(serde_json::json!(text)).expect("decodes");
+            assert!(d.problem().is_some(), "{text}");
+            assert_eq!(d.get(), MAX_DURATION, "{text}: reads as the longest duration");
         }
     }
 

@@ -290,7 +290,9 @@ impl LockSourceSpec {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         let bounded = |what: &str, d: &GoDuration, max: std::time::Duration, out: &mut Vec<String>| {
-            if d.get() > max {
+            if let Some(p) = d.problem() {
+                out.push(format!("{what}: {p}"));
+            } else if d.get() > max {
                 out.push(format!("{what} is {d}, more than the maximum of {}s", max.as_secs()));
             }
         };

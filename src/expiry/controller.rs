@@ -410,7 +410,7 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
 
 /// Why a release did not happen (written to `status.release`, published once per reason).
 struct Blocked {
-    reason: &'static str,
+    reason: std::borrow::Cow<'static, str>,
     message: String,
     /// Worth an event (a pending grace period is not).
     event: bool,
@@ -428,7 +428,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     };
     if let Err(refusal) = ctx.tenancy.check(&source) {
         let verdict = unknown(Reason::SourceRefused, refusal.to_string());
-        let blocked = Blocked { reason: "SourceRefused", message: refusal.to_string(), event: true };
+        let blocked = Blocked { reason: "SourceRefused".into(), message: refusal.to_string(), event: true };
         report_blocked(&ctx, &lock, &previous, Some(&blocked), None).await;
         write_status(&ctx, &lock, &previous, &verdict, None, LockPhase::Held, Some(&blocked), now).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
@@ -477,7 +477,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         }
         if hint_verdict.is_dead() && !verdict.is_dead() {
             blocked = Some(Blocked {
-                reason: "NotConfirmed",
+                reason: "NotConfirmed".into(),
                 message: format!("the caches suggested {} but the authorities say: {}", hint_verdict.message, verdict.message),
                 event: true,
             });
@@ -508,7 +508,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         match &authority {
             None => {
                 blocked = Some(Blocked {
-                    reason: "UnlockNotDecided",
+                    reason: "UnlockNotDecided".into(),
                     message: format!("force-unlock {requested}: {}", verdict.message),
                     event: false,
                 });
@@ -553,7 +553,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                         verdict.state, verdict.message
                     );
                     publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &message, verdict.pod.as_ref()).await;
-                    blocked = Some(Blocked { reason: "UnlockRefused", message, event: false });
+                    blocked = Some(Blocked { reason: "UnlockRefused".into(), message, event: false });
                 }
             },
         }
@@ -565,21 +565,21 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             ReleaseTiming::Wait(d) => {
                 action = Action::requeue(d);
                 blocked = Some(Blocked {
-                    reason: "GracePeriod",
+                    reason: "GracePeriod".into(),
                     message: format!("evidence must hold for {} before the release", source.spec.expiry.grace_period),
                     event: false,
                 });
             }
             ReleaseTiming::Never => {
                 blocked = Some(Blocked {
-                    reason: "GracePeriodOverflow",
+                    reason: "GracePeriodOverflow".into(),
                     message: "the grace period cannot be added to the evidence time; nothing is released".into(),
                     event: true,
                 });
             }
             ReleaseTiming::Due if source.spec.expiry.mode == ExpiryMode::Observe => {
                 blocked = Some(Blocked {
-                    reason: "ObserveMode",
+                    reason: "ObserveMode".into(),
                     message: "the holder is dead; the LockSource's expiry mode is Observe, so statelock only reports".into(),
                     event: false,
                 });
@@ -603,7 +603,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                         phase = LockPhase::Released;
                     } else {
                         blocked = Some(Blocked {
-                            reason: "LockChanged",
+                            reason: "LockChanged".into(),
                             message: "the lock item changed between the judgement and the delete; nothing was released".into(),
                             event: false,
                         });
@@ -615,6 +615,12 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     }
     if phase == LockPhase::Released {
         blocked = None;
+    } else if blocked.is_none()
+        && let Some(prev) = previous.release.as_ref().filter(|r| r.reason.starts_with("Unlock"))
+        && previous.holder.as_ref().is_some_and(|h| h.state == verdict.state)
+    {
+        // A refused unlock request is consumed; its reason stays in status while nothing changed.
+        blocked = Some(Blocked { reason: prev.reason.clone().into(), message: prev.message.clone(), event: false });
     }
     report_blocked(&ctx, &lock, &previous, blocked.as_ref(), verdict.pod.as_ref()).await;
     write_status(&ctx, &lock, &previous, &verdict, observed_at, phase, blocked.as_ref(), now).await?;
@@ -648,7 +654,7 @@ async fn report_blocked(ctx: &Context, lock: &StateLock, previous: &StateLockSta
     if previous.release.as_ref().is_some_and(|r| r.reason == b.reason) {
         return;
     }
-    info!(lock = %lock.spec.lock_id, reason = b.reason, "release blocked");
+    info!(lock = %lock.spec.lock_id, reason = %b.reason, "release blocked");
     publish(ctx, lock, reasons::RELEASE_BLOCKED, &format!("{}: {}", b.reason, b.message), pod).await;
 }
 
@@ -771,7 +777,7 @@ async fn write_status(
         since,
     };
     let release = blocked.map(|b| ReleaseStatus {
-        reason: b.reason.into(),
+        reason: b.reason.to_string(),
         message: b.message.clone(),
         since: previous.release.as_ref().filter(|r| r.reason == b.reason).map_or(Time(now), |r| r.since.clone()),
     });
