@@ -174,6 +174,7 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
 }
 
 /// Start the gateway: its own pod and LockSource caches, then the server.
+#[allow(clippy::too_many_arguments)]
 async fn start_gateway(
     client: &Client,
     recorder: Recorder,

@@ -335,6 +335,11 @@ pub struct GatewayHolder {
     /// The lock ID the pod took (the holder record applies to this lock instance only).
     pub lock_id: String,
 
+    /// The LockSource (in this namespace) through whose table the pod took the lock: the record
+    /// counts only for that table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+
     /// SHA-256 of the exact `Info` the pod wrote: the lock instance it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]

@@ -193,7 +193,13 @@ fn authoritative_facts(record: &LockRecord) -> LockFacts {
 /// The established holder recorded in status for this lock instance, or else the pod the gateway
 /// saw take it. The judge checks them against the lock instance again (an edited spec or a
 /// re-taken lock makes them irrelevant).
-fn recorded_holder(status: &StateLockStatus, lock_id: Option<&str>, info_sha256: Option<&str>, host: Option<&str>) -> Option<Established> {
+fn recorded_holder(
+    status: &StateLockStatus,
+    source: &str,
+    lock_id: Option<&str>,
+    info_sha256: Option<&str>,
+    host: Option<&str>,
+) -> Option<Established> {
     let sha = info_sha256?;
     if let Some(e) = status.holder.as_ref().and_then(|h| h.established.as_ref()).filter(|e| e.info_sha256 == sha) {
         return Some(Established {
@@ -208,7 +214,12 @@ fn recorded_holder(status: &StateLockStatus, lock_id: Option<&str>, info_sha256:
     }
     // The gateway's record names the exact instance (the SHA-256 of the Info it forwarded, which
     // covers Who): it holds for the host of whichever facts carry that instance.
-    let g = status.gateway_holder.as_ref().filter(|g| lock_id == Some(g.lock_id.as_str()) && g.info_sha256.as_deref() == Some(sha))?;
+    // It counts only for the table it was granted in (a pod may not claim, through another
+    // table, a lock of the same ID and Info).
+    let g = status
+        .gateway_holder
+        .as_ref()
+        .filter(|g| lock_id == Some(g.lock_id.as_str()) && g.info_sha256.as_deref() == Some(sha) && g.source.as_deref() == Some(source))?;
     Some(Established {
         namespace: g.namespace.clone(),
         name: g.pod.clone(),
@@ -318,6 +329,7 @@ fn error_policy(_: Arc<StateLock>, e: &ExpiryError, _: Arc<Context>) -> Action {
 
 /// What the authorities say right now: the lock item from a strongly consistent read, and the
 /// pods read directly from the API (never from the cache).
+#[allow(clippy::large_enum_variant)] // one per release decision
 enum Authority {
     /// There is no lock item any more.
     LockGone,
@@ -347,10 +359,11 @@ async fn read_authorities(ctx: &Context, source: &LockSource, lock: &StateLock, 
     let facts = authoritative_facts(&record);
     let raw_info = record.raw_info.clone().unwrap_or_default();
     let status = lock.status.clone().unwrap_or_default();
-    let recorded = recorded_holder(&status, record.info.id.as_deref(), facts.info_sha256.as_deref(), facts.hostname.as_deref());
+    let recorded =
+        recorded_holder(&status, &source.name_any(), record.info.id.as_deref(), facts.info_sha256.as_deref(), facts.hostname.as_deref());
     let lookup = match &recorded {
         Some(e) => Some(match Api::<Pod>::namespaced(ctx.client.clone(), &e.namespace).get_opt(&e.name).await {
-            Ok(Some(p)) => HolderLookup::Found(pod_facts(&p)),
+            Ok(Some(p)) => HolderLookup::Found(Box::new(pod_facts(&p))),
             Ok(None) => HolderLookup::NotFound,
             Err(_) => HolderLookup::Failed,
         }),
@@ -423,25 +436,33 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     let now = Timestamp::now();
     let Some(source) = ctx.sources.get(&ObjectRef::new(&lock.spec.source).within(&ns)) else {
         let verdict = unknown(Reason::SourceNotFound, format!("LockSource {} is not known (yet)", lock.spec.source));
-        write_status(&ctx, &lock, &previous, &verdict, None, LockPhase::Held, None, now).await?;
+        write_status(&ctx, &lock, &previous, &verdict, false, None, LockPhase::Held, None, now).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     };
     if let Err(refusal) = ctx.tenancy.check(&source) {
         let verdict = unknown(Reason::SourceRefused, refusal.to_string());
         let blocked = Blocked { reason: "SourceRefused".into(), message: refusal.to_string(), event: true };
         report_blocked(&ctx, &lock, &previous, Some(&blocked), None).await;
-        write_status(&ctx, &lock, &previous, &verdict, None, LockPhase::Held, Some(&blocked), now).await?;
+        write_status(&ctx, &lock, &previous, &verdict, false, None, LockPhase::Held, Some(&blocked), now).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     let pol = policy(&source);
 
     // 1. A hint from the caches and the spec: may trigger a judgement, never decides one.
     let hint = hint_facts(&lock);
-    let recorded = recorded_holder(&previous, lock.spec.lock_info.id.as_deref(), hint.info_sha256.as_deref(), hint.hostname.as_deref());
+    let recorded = recorded_holder(
+        &previous,
+        &source.name_any(),
+        lock.spec.lock_info.id.as_deref(),
+        hint.info_sha256.as_deref(),
+        hint.hostname.as_deref(),
+    );
     let synced = ctx.pods_synced.load(Ordering::SeqCst);
     let pods: Vec<PodFacts> = if synced { ctx.pods.state().iter().map(|p| pod_facts(p)).collect() } else { Vec::new() };
     let lookup = recorded.as_ref().map(|e| {
-        ctx.pods.get(&ObjectRef::new(&e.name).within(&e.namespace)).map_or(HolderLookup::NotFound, |p| HolderLookup::Found(pod_facts(&p)))
+        ctx.pods
+            .get(&ObjectRef::new(&e.name).within(&e.namespace))
+            .map_or(HolderLookup::NotFound, |p| HolderLookup::Found(Box::new(pod_facts(&p))))
     });
     let view = if synced { PodView::Cache(&pods) } else { PodView::CacheNotSynced };
     let mut verdict = holder_liveness::judge(&Facts {
@@ -456,7 +477,12 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     let unlock_request = lock.annotations().get(FORCE_UNLOCK_ANNOTATION).cloned();
     let mut authority = None;
     let mut blocked: Option<Blocked> = None;
-    if verdict.is_dead() || unlock_request.is_some() {
+    // A holder is recorded only from the authorities: a new one found in the caches is confirmed
+    // first (once per lock instance), so that a lagging cache or an edited spec never records a
+    // pod whose later death would count.
+    let new_holder = verdict.established.is_some() && recorded.is_none();
+    let mut from_authority = false;
+    if verdict.is_dead() || unlock_request.is_some() || new_holder {
         let hint_verdict = verdict.clone();
         match read_authorities(&ctx, &source, &lock, &pol).await {
             Ok(Authority::LockGone) => {
@@ -468,6 +494,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             }
             Ok(Authority::Present { record, raw_info, verdict: v }) => {
                 verdict = v;
+                from_authority = true;
                 authority = Some((record, raw_info));
             }
             Err(e) => {
@@ -623,7 +650,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         blocked = Some(Blocked { reason: prev.reason.clone().into(), message: prev.message.clone(), event: false });
     }
     report_blocked(&ctx, &lock, &previous, blocked.as_ref(), verdict.pod.as_ref()).await;
-    write_status(&ctx, &lock, &previous, &verdict, observed_at, phase, blocked.as_ref(), now).await?;
+    write_status(&ctx, &lock, &previous, &verdict, from_authority, observed_at, phase, blocked.as_ref(), now).await?;
     Ok(action)
 }
 
@@ -731,6 +758,7 @@ async fn write_status(
     lock: &StateLock,
     previous: &StateLockStatus,
     v: &Verdict,
+    from_authority: bool,
     observed_at: Option<Timestamp>,
     phase: LockPhase,
     blocked: Option<&Blocked>,
@@ -746,7 +774,7 @@ async fn write_status(
     let prev_established = prev_holder.and_then(|h| h.established.clone());
     let established = match (&v.established, prev_established) {
         (Some(e), Some(prev)) if prev.info_sha256 == e.info_sha256 => Some(prev),
-        (Some(e), _) => Some(EstablishedHolder {
+        (Some(e), _) if from_authority => Some(EstablishedHolder {
             namespace: e.namespace.clone(),
             pod: e.name.clone(),
             uid: e.uid.clone(),
@@ -756,7 +784,7 @@ async fn write_status(
             restarts: e.restarts,
             at: Time(now),
         }),
-        (None, prev) => prev,
+        (_, prev) => prev,
     };
     let holder = HolderStatus {
         state: v.state,

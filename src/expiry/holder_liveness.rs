@@ -154,7 +154,7 @@ pub enum PodView<'a> {
 /// What a read of the established holder (by namespace and name) returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HolderLookup {
-    Found(PodFacts),
+    Found(Box<PodFacts>),
     NotFound,
     Failed,
 }
@@ -334,11 +334,8 @@ pub fn judge(f: &Facts<'_>) -> Verdict {
         // A holder found by hostname is the holder only while no other pod could be: if another
         // pod with this hostname existed before the lock, say so and decide nothing.
         if v.is_dead() && e.by == HolderIdentification::Hostname {
-            let others: Vec<String> = pods
-                .iter()
-                .filter(|p| could_hold(p) && !(p.namespace() == e.namespace && p.name() == e.name))
-                .map(|p| format!("{}/{}", p.namespace(), p.name()))
-                .collect();
+            let others: Vec<String> =
+                pods.iter().filter(|p| could_hold(p) && p.uid != e.uid).map(|p| format!("{}/{}", p.namespace(), p.name())).collect();
             if !others.is_empty() {
                 v = Verdict {
                     candidates: others,

@@ -155,8 +155,11 @@ impl Caches {
         let live: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_running(p)).collect();
         match live.as_slice() {
             [one] => Caller::Pod((*one).clone()),
-            [] => Caller::NotAPod,
-            _ => Caller::Unidentified { pods: live.len() },
+            // No pod has ever had this address in the cache's view.
+            [] if pods.is_empty() => Caller::NotAPod,
+            // Pods have it but none is running (a completed pod's address, reused or not): nobody
+            // in particular, and not a non-pod either.
+            _ => Caller::Unidentified { pods: pods.len() },
         }
     }
 
@@ -183,9 +186,10 @@ fn is_running(p: &Pod) -> bool {
 pub enum Caller {
     /// Exactly one running pod has the caller's address.
     Pod(Arc<Pod>),
-    /// Several running pods share the address (host network): nobody in particular.
+    /// Several running pods share the address (host network), or only pods that are not running
+    /// have it: nobody in particular. Never admitted by `allowedSourceRanges`.
     Unidentified { pods: usize },
-    /// No running pod has the address.
+    /// No pod has the address: a caller outside the pod network, which `allowedSourceRanges` may admit.
     NotAPod,
 }
 

@@ -401,7 +401,7 @@ impl Effects {
         });
         let mut obj = api.patch(name, &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body)).await?;
         if let (Some(p), Some(lock_id)) = (pod, record.info.id.as_deref()) {
-            let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "infoSha256": record.info_sha256, "seenAt": Timestamp::now().to_string()});
+            let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "source": source.name_any(), "infoSha256": record.info_sha256, "seenAt": Timestamp::now().to_string()});
             let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"gatewayHolder": holder}});
             obj = api.patch_status(name, &PatchParams::apply(reasons::GATEWAY_MANAGER).force(), &Patch::Apply(&status)).await?;
         }

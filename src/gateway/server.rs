@@ -75,7 +75,7 @@ pub struct Gateway {
     effects: Arc<Effects>,
     metrics: Arc<Metrics>,
     tenancy: Arc<TenancyPolicy>,
-    clients: Mutex<HashMap<String, aws_sdk_dynamodb::Client>>,
+    clients: Mutex<HashMap<String, (String, aws_sdk_dynamodb::Client)>>,
 }
 
 impl Gateway {
@@ -183,6 +183,7 @@ fn choose_source(
     region: Option<&str>,
     caller: &Caller,
     ip: IpAddr,
+    servable: impl Fn(&LockSource) -> bool,
 ) -> Result<Arc<LockSource>, DynamoErrorBody> {
     let mut candidates: Vec<Arc<LockSource>> = sources
         .state()
@@ -199,9 +200,16 @@ fn choose_source(
             Some(list) => list.iter().any(|n| n == ns),
             None => s.namespace().as_deref() == Some(ns.as_str()),
         },
-        None => s.spec.gateway.allowed_source_ranges.iter().any(|r| cidr_contains(r, ip)),
+        None => matches!(caller, Caller::NotAPod) && s.spec.gateway.allowed_source_ranges.iter().any(|r| cidr_contains(r, ip)),
     };
-    let ok: Vec<Arc<LockSource>> = candidates.into_iter().filter(|s| allowed(s)).collect();
+    let mut ok: Vec<Arc<LockSource>> = candidates.into_iter().filter(|s| allowed(s) && servable(s)).collect();
+    // A LockSource of the caller's own namespace comes first: another namespace's LockSource that
+    // lists the caller's namespace can neither capture its lock traffic nor make it conflict.
+    if let Some(ns) = &pod_ns
+        && ok.iter().any(|s| s.namespace().as_deref() == Some(ns.as_str()))
+    {
+        ok.retain(|s| s.namespace().as_deref() == Some(ns.as_str()));
+    }
     match ok.as_slice() {
         [one] => Ok(one.clone()),
         [] => {
@@ -271,7 +279,9 @@ async fn process(gw: &Arc<Gateway>, target: &str, region: Option<&str>, body: &[
         tracing::Span::current().record("lock_id", id);
     }
     let caller = gw.caches.caller(ip);
-    let source = match choose_source(&gw.caches.sources, req.table(), region, &caller, ip) {
+    // LockSources the operator refuses (tenancy) serve nobody, so they cannot take part in routing.
+    let servable = |s: &LockSource| matches!(gw.backend, Backend::Memory(_)) || gw.tenancy.check(s).is_ok();
+    let source = match choose_source(&gw.caches.sources, req.table(), region, &caller, ip, servable) {
         Ok(s) => s,
         Err(e) => {
             if e.code() != "ResourceNotFoundException" {
@@ -425,8 +435,13 @@ where
 }
 
 async fn client_for(gw: &Gateway, source: &LockSource) -> Result<aws_sdk_dynamodb::Client, DynamoErrorBody> {
-    let key = format!("{}/{}/{}", source.namespace().unwrap_or_default(), source.name_any(), source.resource_version().unwrap_or_default());
-    if let Some(c) = gw.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+    // One client per LockSource, rebuilt when its spec changes (keyed by name, so that old
+    // versions are replaced, not accumulated).
+    let key = format!("{}/{}", source.namespace().unwrap_or_default(), source.name_any());
+    let version = source.metadata.generation.unwrap_or_default().to_string();
+    if let Some((v, c)) = gw.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&key)
+        && *v == version
+    {
         return Ok(c.clone());
     }
     let creds = dynamo::source_credentials::for_source(&gw.client, &gw.tenancy, source)
@@ -434,7 +449,7 @@ async fn client_for(gw: &Gateway, source: &LockSource) -> Result<aws_sdk_dynamod
         .map_err(|e| DynamoErrorBody::access_denied(format!("the statelock gateway does not serve this table: {e}")))?;
     let d = &source.spec.dynamodb;
     let c = dynamo::passthrough_client(&d.region, d.endpoint.as_deref(), creds).await;
-    gw.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, c.clone());
+    gw.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, (version, c.clone()));
     Ok(c)
 }
 

@@ -205,19 +205,19 @@ fn an_established_holder_is_judged_by_its_uid() {
     for by in [HolderIdentification::Hostname, HolderIdentification::Gateway] {
         let e = established(&p, by);
         let l = lock("atlantis-0");
-        assert_eq!(judged_with(&l, &e, HolderLookup::Found(p.clone()), std::slice::from_ref(&p)).state, HolderState::Alive);
+        assert_eq!(judged_with(&l, &e, HolderLookup::Found(Box::new(p.clone())), std::slice::from_ref(&p)).state, HolderState::Alive);
         let v = judged_with(&l, &e, HolderLookup::NotFound, &[]);
         assert_eq!((v.state, v.reason), (HolderState::Dead, Reason::PodNotFound));
         // The StatefulSet made a new atlantis-0: the holder is gone.
         let new = PodFacts { uid: "uid-new".into(), created: T0 + 60 * S, ..p.clone() };
-        let v = judged_with(&l, &e, HolderLookup::Found(new.clone()), std::slice::from_ref(&new));
+        let v = judged_with(&l, &e, HolderLookup::Found(Box::new(new.clone())), std::slice::from_ref(&new));
         assert_eq!((v.state, v.reason), (HolderState::Dead, Reason::PodReplaced));
         // A restart since it was established, whatever the clocks say.
         let restarted = PodFacts {
             containers: vec![ContainerFacts { name: "runner".into(), running_since: Some(T0 - 5 * S), restart_count: 1 }],
             ..p.clone()
         };
-        let v = judged_with(&l, &e, HolderLookup::Found(restarted.clone()), std::slice::from_ref(&restarted));
+        let v = judged_with(&l, &e, HolderLookup::Found(Box::new(restarted.clone())), std::slice::from_ref(&restarted));
         assert_eq!((v.state, v.reason), (HolderState::Dead, Reason::ContainerRestarted));
         assert_eq!(judged_with(&l, &e, HolderLookup::Failed, &[]).state, HolderState::Unknown);
     }
@@ -353,7 +353,7 @@ enum Record {
     Truth(HolderIdentification),
     OtherInstance,
     OtherHost,
-    StaleHostnameRecord(usize),
+    StaleHostname(usize),
 }
 
 fn arb_record() -> impl Strategy<Value = Record> {
@@ -363,7 +363,7 @@ fn arb_record() -> impl Strategy<Value = Record> {
         Just(Record::Truth(HolderIdentification::Hostname)),
         Just(Record::OtherInstance),
         Just(Record::OtherHost),
-        (0usize..6).prop_map(Record::StaleHostnameRecord),
+        (0usize..6).prop_map(Record::StaleHostname),
     ]
 }
 
@@ -394,11 +394,11 @@ proptest! {
             Record::Truth(by) => Some(Established { restarts: Some(restarts), ..established(&holder, by) }).map(|e| Established { hostname: host.clone(), ..e }),
             Record::OtherInstance => Some(Established { info_sha256: "other".into(), uid: "uid-gone".into(), ..established(&holder, HolderIdentification::Gateway) }),
             Record::OtherHost => Some(Established { hostname: "elsewhere".into(), uid: "uid-gone".into(), ..established(&holder, HolderIdentification::Gateway) }),
-            Record::StaleHostnameRecord(i) => pods.get(i).filter(|p| p.uid != holder.uid).map(|p| Established { hostname: host.clone(), ..established(p, HolderIdentification::Hostname) }),
+            Record::StaleHostname(i) => pods.get(i).filter(|p| p.uid != holder.uid).map(|p| Established { hostname: host.clone(), ..established(p, HolderIdentification::Hostname) }),
         };
         let lookup = e.as_ref().map(|e| {
             if lookup_fails { HolderLookup::Failed } else {
-                pods.iter().find(|p| p.namespace() == e.namespace && p.name() == e.name).cloned().map_or(HolderLookup::NotFound, HolderLookup::Found)
+                pods.iter().find(|p| p.namespace() == e.namespace && p.name() == e.name).cloned().map_or(HolderLookup::NotFound, |p| HolderLookup::Found(Box::new(p)))
             }
         });
         let pol = HolderPolicy {
