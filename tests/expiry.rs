@@ -501,7 +501,12 @@ async fn pod_in(cluster: &TestCluster, ns: &str, name: &str, hostname: Option<&s
 }
 
 async fn lock_status(cluster: &TestCluster) -> statelock::crd::StateLockStatus {
-    Api::<StateLock>::namespaced(cluster.client(), NS).get(&state_lock_name(LOCK)).await.expect("StateLock").status.unwrap_or_default()
+    Api::<StateLock>::namespaced(cluster.client(), NS)
+        .get_opt(&state_lock_name(LOCK))
+        .await
+        .expect("get StateLock")
+        .and_then(|l| l.status)
+        .unwrap_or_default()
 }
 
 /// Class 1, with real Terraform: a runner pod whose name is longer than 63 characters takes the
@@ -716,4 +721,44 @@ async fn refused_lock_sources_say_why_and_release_nothing() {
     let r = db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(LOCK.into())).consistent_read(true).send().await.expect("get");
     assert!(r.item.is_some(), "no refused LockSource releases anything");
     op.stop().await;
+}
+
+/// Class 5: the operator's pod watch is broken (its cache behind the API) while an evicted pod
+/// of a StatefulSet is replaced by a new one that takes a lock. The cache still shows the old,
+/// Failed pod: a hint of death, which the authorities (a direct LIST) do not confirm. The live
+/// lock survives; once the new pod is really gone, the lock is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_pod_cache_never_condemns_a_live_holder() {
+    let e = env("Release").await;
+    let pods: Api<Pod> = Api::namespaced(e.cluster.client(), RUNNERS);
+    runner_pod(&e.cluster, "atlantis-0").await;
+    pods.patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Failed"}}))).await.expect("evicted");
+    // A probe lock of that evicted pod is released: proof that the operator's cache has the
+    // Failed pod before the watch breaks.
+    let probe = "tfstate/probe/terraform.tfstate";
+    put_item(&e.db, TABLE, &[("LockID", probe), ("Info", &terraform_info("p-1", "root@atlantis-0", probe, &now_rfc3339()))]).await;
+    eventually(Duration::from_secs(30), "the evicted pod's probe lock released", || async {
+        let r = e.db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(probe.into())).consistent_read(true).send().await.ok()?;
+        r.item.is_none().then_some(())
+    })
+    .await;
+    // The pod watch breaks; the StatefulSet replaces the pod; the new pod takes the lock.
+    e.cluster.emulator.hold_watches_of("", "pods", true);
+    pods.delete("atlantis-0", &DeleteParams::default()).await.expect("delete the evicted pod");
+    runner_pod(&e.cluster, "atlantis-0").await;
+    let info = take_lock(&e.db, "root@atlantis-0").await;
+    let status = eventually(Duration::from_secs(30), "the hint not confirmed", || async {
+        let s = lock_status(&e.cluster).await;
+        (s.release.as_ref().map(|r| r.reason.as_str()) == Some("NotConfirmed")).then_some(s)
+    })
+    .await;
+    let holder = status.holder.expect("holder");
+    assert_eq!(holder.state, HolderState::Alive, "{:?}", holder.message);
+    assert!(reasons_on_lock(&e.cluster).await.iter().any(|r| r == "ReleaseBlocked"));
+    assert_never_released(&e, &info, HolderState::Alive).await;
+    // The watch heals; the new pod is deleted: released.
+    e.cluster.emulator.hold_watches_of("", "pods", false);
+    pods.delete("atlantis-0", &DeleteParams::default()).await.expect("delete the new pod");
+    wait_released(&e, "PodNotFound").await;
+    e.op.stop().await;
 }

@@ -245,7 +245,7 @@ async fn runners_are_told_apart_by_their_source_addresses() {
     }
     let port = free_port();
     let mut cmd = common::statelock_command();
-    cmd.env("STATELOCK_GATEWAY_ADDR", format!("{}:{port}", na.host_addr));
+    cmd.env("STATELOCK_GATEWAY_ADDR", format!("{}:{port}", na.host_addr)).env("STATELOCK_ALLOWED_ENDPOINTS", moto.url());
     let op = Operator::start_with(&cluster, cmd);
     let gateway = format!("http://{}:{port}", na.host_addr);
     let addr = format!("{}:{port}", na.host_addr);
@@ -686,4 +686,106 @@ async fn a_full_effects_queue_drops_and_counts_and_bursts_coalesce() {
     assert!(writes < 20, "a burst is coalesced, not written call by call: {writes} writes for 59 calls");
     cancel.cancel();
     let _ = served.await;
+}
+
+/// The safety issue's gateway class, end to end: a completed pod that kept the runner's address
+/// is not taken for the caller; another namespace's LockSource that lists the runner's namespace
+/// does not capture its calls; a compound condition that would overwrite the held lock is
+/// refused. The live lock survives all of it; the holder's death still releases it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_never_misattributes_misroutes_or_rewrites() {
+    use std::os::unix::process::CommandExt;
+    let e = env(false, true).await;
+    let client = e.cluster.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    // A finished pod with the runner's address (CNIs reuse addresses; completed pods keep theirs).
+    let old: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "old-runner"}, "spec": {"containers": [{"name": "atlantis", "image": "atlantis"}]}}),
+    )
+    .expect("pod");
+    pods.create(&PostParams::default(), &old).await.expect("pod");
+    pods.patch_status(
+        "old-runner",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Succeeded", "podIP": "127.0.0.1"}})),
+    )
+    .await
+    .expect("status");
+    // Another team's LockSource for a table of the same name, listing this namespace.
+    e.cluster.create_namespace("team-x").await;
+    e.cluster
+        .create_lock_source(
+            "team-x",
+            "grabber",
+            json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": e.moto.url()}, "sync": {"mode": "Scan", "interval": "1h"}, "gateway": {"allowedNamespaces": [NS]}}),
+        )
+        .await;
+    Api::<statelock::crd::LockSource>::namespaced(client.clone(), NS)
+        .patch("tf-locks", &PatchParams::default(), &Patch::Merge(json!({"spec": {"expiry": {"mode": "Release", "gracePeriod": "0s"}}})))
+        .await
+        .expect("Release mode");
+    let tf = Terraform::modern();
+    let dir = workdir(&e, &tf, "holder");
+    let init = tf.command(&dir, "atlantis-0", &["init", "-input=false", "-no-color"]).output().expect("init");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let mut apply = tf
+        .command(&dir, "atlantis-0", &["apply", "-no-color", "-var", "v=b"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("apply");
+    let lock = eventually(Duration::from_secs(60), "the holder established by the gateway", || async {
+        lock_object(&e.cluster).await.filter(|l| {
+            l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| {
+                h.state == statelock::crd::HolderState::Alive
+                    && h.established.as_ref().is_some_and(|x| x.by == HolderIdentification::Gateway)
+            })
+        })
+    })
+    .await;
+    let gh = lock.status.as_ref().and_then(|s| s.gateway_holder.clone()).expect("gatewayHolder");
+    assert_eq!(gh.pod, "atlantis-0", "the running pod, not the completed one with the same address");
+    assert_eq!(gh.source.as_deref(), Some("tf-locks"), "routed to the caller's own namespace's LockSource");
+    assert!(
+        Api::<StateLock>::namespaced(client.clone(), "team-x").list(&ListParams::default()).await.expect("list").items.is_empty(),
+        "the other namespace's LockSource captured nothing"
+    );
+    // A compound condition that DynamoDB would let overwrite the held lock is refused.
+    let db = e.moto.dynamodb().await;
+    let lock_id = format!("tfstate/{KEY}");
+    let held = |db: aws_sdk_dynamodb::Client, id: String| async move {
+        db.get_item()
+            .table_name(TABLE)
+            .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(id))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get")
+            .item
+            .and_then(|i| i.get("Info").and_then(|v| v.as_s().ok()).cloned())
+    };
+    let before = held(db.clone(), lock_id.clone()).await.expect("held");
+    let body = json!({"TableName": TABLE, "Item": {"LockID": {"S": lock_id}, "Info": {"S": "{}"}}, "ConditionExpression": "attribute_not_exists(LockID) OR attribute_exists(LockID)"});
+    let (status, answer) = common::http_fetch_with(
+        "POST",
+        &e.gateway,
+        &body.to_string(),
+        &[("x-amz-target", "DynamoDB_20120810.PutItem"), ("content-type", "application/x-amz-json-1.0")],
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("ValidationException"), "{answer}");
+    assert_eq!(held(db.clone(), lock_id.clone()).await.as_deref(), Some(before.as_str()), "the held lock is untouched");
+    // The holder dies: released through the gateway holder's record.
+    let pgid = apply.id();
+    assert!(std::process::Command::new("kill").args(["-9", "--", &format!("-{pgid}")]).status().expect("kill").success());
+    let _ = apply.wait();
+    pods.delete("atlantis-0", &kube::api::DeleteParams::default()).await.expect("delete pod");
+    eventually(Duration::from_secs(30), "the dead holder's lock released", || {
+        let (db, id) = (db.clone(), lock_id.clone());
+        async move { held(db, id).await.is_none().then_some(()) }
+    })
+    .await;
+    e.op.stop().await;
 }

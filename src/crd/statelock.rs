@@ -362,6 +362,11 @@ pub struct DeathEvidence {
 
     /// When the evidence was first observed; the grace period counts from here.
     pub observed_at: Time,
+
+    /// SHA-256 of the exact `Info` of the lock instance the evidence is about: evidence never
+    /// carries over to a lock taken again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info_sha256: Option<String>,
 }
 
 /// The clients waiting for a lock.

@@ -201,33 +201,35 @@ fn recorded_holder(
     host: Option<&str>,
 ) -> Option<Established> {
     let sha = info_sha256?;
-    if let Some(e) = status.holder.as_ref().and_then(|h| h.established.as_ref()).filter(|e| e.info_sha256 == sha) {
-        return Some(Established {
-            namespace: e.namespace.clone(),
-            name: e.pod.clone(),
-            uid: e.uid.clone(),
-            by: e.by,
-            hostname: e.hostname.clone(),
-            info_sha256: e.info_sha256.clone(),
-            restarts: e.restarts,
-        });
-    }
-    // The gateway's record names the exact instance (the SHA-256 of the Info it forwarded, which
-    // covers Who): it holds for the host of whichever facts carry that instance.
-    // It counts only for the table it was granted in (a pod may not claim, through another
-    // table, a lock of the same ID and Info).
-    let g = status
+    // The gateway's record first: it saw the pod take the lock. It names the exact instance (the
+    // SHA-256 of the Info it forwarded, which covers Who), so it holds for the host of whichever
+    // facts carry that instance; and it counts only for the table it was granted in (a pod may not
+    // claim, through another table, a lock of the same ID and Info).
+    if let Some(g) = status
         .gateway_holder
         .as_ref()
-        .filter(|g| lock_id == Some(g.lock_id.as_str()) && g.info_sha256.as_deref() == Some(sha) && g.source.as_deref() == Some(source))?;
+        .filter(|g| lock_id == Some(g.lock_id.as_str()) && g.info_sha256.as_deref() == Some(sha) && g.source.as_deref() == Some(source))
+        && let Some(host) = host
+    {
+        return Some(Established {
+            namespace: g.namespace.clone(),
+            name: g.pod.clone(),
+            uid: g.uid.clone(),
+            by: HolderIdentification::Gateway,
+            hostname: host.to_owned(),
+            info_sha256: sha.to_owned(),
+            restarts: None,
+        });
+    }
+    let e = status.holder.as_ref().and_then(|h| h.established.as_ref()).filter(|e| e.info_sha256 == sha)?;
     Some(Established {
-        namespace: g.namespace.clone(),
-        name: g.pod.clone(),
-        uid: g.uid.clone(),
-        by: HolderIdentification::Gateway,
-        hostname: host?.to_owned(),
-        info_sha256: sha.to_owned(),
-        restarts: None,
+        namespace: e.namespace.clone(),
+        name: e.pod.clone(),
+        uid: e.uid.clone(),
+        by: e.by,
+        hostname: e.hostname.clone(),
+        info_sha256: e.info_sha256.clone(),
+        restarts: e.restarts,
     })
 }
 
@@ -374,8 +376,24 @@ async fn read_authorities(ctx: &Context, source: &LockSource, lock: &StateLock, 
         Ok(p) => PodView::Listed(p),
         Err(_) => PodView::ListFailed,
     };
-    let verdict =
+    let mut verdict =
         holder_liveness::judge(&Facts { lock: &facts, established: recorded.as_ref(), holder_lookup: lookup.as_ref(), pods: view, policy });
+    // A runner is gone only if no pod anywhere has its hostname: the holder namespaces may be
+    // narrower than where runners run (an upgrade from "every namespace", a misconfiguration).
+    if verdict.reason == Reason::RunnerGone && policy.namespaces != HolderNamespaces::All {
+        let everywhere = list_holder_pods(ctx, &HolderNamespaces::All).await;
+        let view = match &everywhere {
+            Ok(p) => PodView::Listed(p),
+            Err(_) => PodView::ListFailed,
+        };
+        verdict = holder_liveness::judge(&Facts {
+            lock: &facts,
+            established: recorded.as_ref(),
+            holder_lookup: lookup.as_ref(),
+            pods: view,
+            policy,
+        });
+    }
     Ok(Authority::Present { record, raw_info, verdict })
 }
 
@@ -511,10 +529,13 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         }
     }
 
-    // Evidence is held from when it was first seen; a new kind of evidence starts anew.
-    let same_instance = previous.observed_generation == lock.metadata.generation;
+    // Evidence is held from when it was first seen, for this lock instance; a new kind of evidence,
+    // or another instance (the lock re-taken), starts anew.
+    let instance = authority.as_ref().and_then(|(r, _)| r.info_sha256.clone()).or_else(|| hint.info_sha256.clone());
     let observed_at = match (verdict.is_dead(), previous.holder.as_ref().and_then(|h| h.evidence.as_ref())) {
-        (true, Some(prev)) if prev.reason == verdict.reason.as_str() && same_instance => Some(prev.observed_at.0),
+        (true, Some(prev)) if prev.reason == verdict.reason.as_str() && prev.info_sha256.is_some() && prev.info_sha256 == instance => {
+            Some(prev.observed_at.0)
+        }
         (true, _) => Some(now),
         (false, _) => None,
     };
@@ -650,7 +671,13 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         blocked = Some(Blocked { reason: prev.reason.clone().into(), message: prev.message.clone(), event: false });
     }
     report_blocked(&ctx, &lock, &previous, blocked.as_ref(), verdict.pod.as_ref()).await;
-    write_status(&ctx, &lock, &previous, &verdict, from_authority, observed_at, phase, blocked.as_ref(), now).await?;
+    let evidence = observed_at.filter(|_| verdict.is_dead()).map(|at| DeathEvidence {
+        reason: verdict.reason.as_str().into(),
+        message: verdict.message.clone(),
+        observed_at: Time(at),
+        info_sha256: instance.clone(),
+    });
+    write_status(&ctx, &lock, &previous, &verdict, from_authority, evidence, phase, blocked.as_ref(), now).await?;
     Ok(action)
 }
 
@@ -759,7 +786,7 @@ async fn write_status(
     previous: &StateLockStatus,
     v: &Verdict,
     from_authority: bool,
-    observed_at: Option<Timestamp>,
+    evidence: Option<DeathEvidence>,
     phase: LockPhase,
     blocked: Option<&Blocked>,
     now: Timestamp,
@@ -773,8 +800,11 @@ async fn write_status(
     // and kept (a record for another instance is ignored by the judge, never trusted).
     let prev_established = prev_holder.and_then(|h| h.established.clone());
     let established = match (&v.established, prev_established) {
-        (Some(e), Some(prev)) if prev.info_sha256 == e.info_sha256 => Some(prev),
-        (Some(e), _) if from_authority => Some(EstablishedHolder {
+        // The gateway's record (operator-written, exact) supersedes a holder found by hostname.
+        (Some(e), Some(prev)) if prev.info_sha256 == e.info_sha256 && (prev.by == e.by || e.by == HolderIdentification::Hostname) => {
+            Some(prev)
+        }
+        (Some(e), _) if from_authority || e.by == HolderIdentification::Gateway => Some(EstablishedHolder {
             namespace: e.namespace.clone(),
             pod: e.name.clone(),
             uid: e.uid.clone(),
@@ -796,11 +826,7 @@ async fn write_status(
         pod: v.pod.as_ref().map(|p| p.name.clone()),
         uid: v.pod.as_ref().and_then(|p| p.uid.clone()),
         candidates: v.candidates.clone(),
-        evidence: observed_at.filter(|_| v.is_dead()).map(|at| DeathEvidence {
-            reason: v.reason.as_str().into(),
-            message: v.message.clone(),
-            observed_at: Time(at),
-        }),
+        evidence,
         established,
         since,
     };

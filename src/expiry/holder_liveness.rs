@@ -8,7 +8,7 @@
 //! - Evidence: the established pod's UID no longer exists (`PodNotFound`), its name belongs to
 //!   another UID (`PodReplaced`), it completed (`PodCompleted`), its holder container restarted
 //!   (`ContainerRestarted`); or, for hostnames matching the runner pattern, no pod under any name
-//!   yields the hostname in the holder namespaces (`RunnerGone`).
+//!   yields the hostname, in the holder namespaces or anywhere else (`RunnerGone`).
 //! - Nothing else is evidence: not a Terminating pod, not phase Unknown, not a cache that has not
 //!   synced, not an API error, not a malformed lock, never the age of the lock. Then the answer
 //!   is Unknown, and Unknown never releases anything.
@@ -145,7 +145,8 @@ pub enum PodView<'a> {
     CacheNotSynced,
     /// The pod cache (a hint).
     Cache(&'a [PodFacts]),
-    /// A direct list of every holder namespace (the authority).
+    /// A direct list (the authority): of the holder namespaces, and of every namespace before a
+    /// `RunnerGone` verdict (absence must hold cluster-wide).
     Listed(&'a [PodFacts]),
     /// The direct list failed: nothing is decided.
     ListFailed,
@@ -177,6 +178,7 @@ pub enum Reason {
     NoMatchingPod,
     SeveralPods,
     HolderNotEstablished,
+    RunnerOutsideHolderNamespaces,
     SourceNotFound,
     SourceRefused,
 }
@@ -199,13 +201,14 @@ impl Reason {
             Self::NoMatchingPod => "NoMatchingPod",
             Self::SeveralPods => "SeveralPods",
             Self::HolderNotEstablished => "HolderNotEstablished",
+            Self::RunnerOutsideHolderNamespaces => "RunnerOutsideHolderNamespaces",
             Self::SourceNotFound => "SourceNotFound",
             Self::SourceRefused => "SourceRefused",
         }
     }
 
     /// Every reason, for tests and metric documentation.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Self::CacheNotSynced,
         Self::ApiError,
         Self::LockMalformed,
@@ -221,6 +224,7 @@ impl Reason {
         Self::NoMatchingPod,
         Self::SeveralPods,
         Self::HolderNotEstablished,
+        Self::RunnerOutsideHolderNamespaces,
         Self::SourceNotFound,
         Self::SourceRefused,
     ];
@@ -334,8 +338,13 @@ pub fn judge(f: &Facts<'_>) -> Verdict {
         // A holder found by hostname is the holder only while no other pod could be: if another
         // pod with this hostname existed before the lock, say so and decide nothing.
         if v.is_dead() && e.by == HolderIdentification::Hostname {
-            let others: Vec<String> =
-                pods.iter().filter(|p| could_hold(p) && p.uid != e.uid).map(|p| format!("{}/{}", p.namespace(), p.name())).collect();
+            // A completed pod cannot be running the holder process; any other could be.
+            let alive = |p: &PodFacts| !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed"));
+            let others: Vec<String> = pods
+                .iter()
+                .filter(|p| could_hold(p) && p.uid != e.uid && alive(p))
+                .map(|p| format!("{}/{}", p.namespace(), p.name()))
+                .collect();
             if !others.is_empty() {
                 v = Verdict {
                     candidates: others,
@@ -387,7 +396,22 @@ pub fn judge(f: &Facts<'_>) -> Verdict {
             )
         },
         [] => {
-            if f.policy.hostname_pattern.as_ref().is_some_and(|re| re.is_match(host)) {
+            let elsewhere: Vec<String> =
+                pods.iter().filter(|p| p.host.yields(host)).map(|p| format!("{}/{}", p.namespace(), p.name())).collect();
+            if !elsewhere.is_empty() {
+                // Not a holder candidate, but maybe the runner: a pattern is no evidence while a
+                // pod anywhere has the hostname (holder namespaces narrower than where runners run).
+                Verdict {
+                    candidates: elsewhere,
+                    ..Verdict::new(
+                        HolderState::Unknown,
+                        Reason::RunnerOutsideHolderNamespaces,
+                        format!(
+                            "no pod in the holder namespaces has hostname {host:?}, but pods elsewhere do; not evidence that the runner is gone"
+                        ),
+                    )
+                }
+            } else if f.policy.hostname_pattern.as_ref().is_some_and(|re| re.is_match(host)) {
                 Verdict::new(
                     HolderState::Dead,
                     Reason::RunnerGone,

@@ -400,7 +400,26 @@ impl Effects {
             "spec": spec_for(&source.name_any(), record),
         });
         let mut obj = api.patch(name, &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body)).await?;
-        if let (Some(p), Some(lock_id)) = (pod, record.info.id.as_deref()) {
+        // The caller was identified from the pod cache, which may lag (a deleted pod's address
+        // given to its successor): record it only if a direct read shows the same pod, running.
+        let confirmed = match pod {
+            Some(p) => {
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
+                match api.get_opt(&p.name_any()).await {
+                    Ok(Some(now)) => {
+                        let running = now.metadata.deletion_timestamp.is_none()
+                            && now.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                        (now.uid() == p.uid() && running).then_some(p)
+                    }
+                    Ok(None) | Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        if pod.is_some() && confirmed.is_none() {
+            warn!(lock_id = %record.lock_id, "the gateway's caller could not be confirmed by a direct read; not recorded as the holder");
+        }
+        if let (Some(p), Some(lock_id)) = (confirmed, record.info.id.as_deref()) {
             let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "source": source.name_any(), "infoSha256": record.info_sha256, "seenAt": Timestamp::now().to_string()});
             let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"gatewayHolder": holder}});
             obj = api.patch_status(name, &PatchParams::apply(reasons::GATEWAY_MANAGER).force(), &Patch::Apply(&status)).await?;

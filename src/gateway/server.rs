@@ -523,6 +523,83 @@ async fn deny_event(gw: &Gateway, table: &str, pod: Option<&Pod>, message: &str)
 mod tests {
     use super::*;
 
+    fn sources(list: &[(&str, &str, &str, serde_json::Value)]) -> Store<LockSource> {
+        let (reader, mut writer) = kube::runtime::reflector::store::<LockSource>();
+        for (ns, name, region, gateway) in list {
+            let spec = serde_json::json!({"dynamodb": {"tableName": "tf-locks", "region": region}, "gateway": gateway});
+            let mut s = LockSource::new(name, serde_json::from_value(spec).expect("spec"));
+            s.metadata.namespace = Some((*ns).into());
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(s));
+        }
+        reader
+    }
+
+    fn pod_caller(ns: &str) -> Caller {
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "runner", "namespace": ns}})).expect("pod");
+        Caller::Pod(Arc::new(pod))
+    }
+
+    fn routed(store: &Store<LockSource>, region: Option<&str>, caller: &Caller) -> Result<String, String> {
+        let ip: IpAddr = "10.0.0.7".parse().expect("ip");
+        choose_source(store, "tf-locks", region, caller, ip, |_| true)
+            .map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()))
+            .map_err(|e| format!("{}: {}", e.code(), e.message))
+    }
+
+    #[test]
+    fn routing_by_table_region_and_namespace_never_guesses() {
+        use serde_json::json;
+        let store = sources(&[
+            ("team-a", "locks", "us-east-1", json!({})),
+            ("team-b", "locks-eu", "eu-west-1", json!({"allowedNamespaces": ["team-a"]})),
+            ("team-x", "grabber", "us-east-1", json!({"allowedNamespaces": ["team-a", "team-c"]})),
+            ("team-y", "other", "us-east-1", json!({"allowedNamespaces": ["team-c"]})),
+            ("infra", "ci", "us-east-1", json!({"allowedSourceRanges": ["10.0.0.0/8"]})),
+        ]);
+        // The caller's own namespace's LockSource wins over another namespace's that lists it.
+        assert_eq!(routed(&store, Some("us-east-1"), &pod_caller("team-a")), Ok("team-a/locks".into()));
+        // The signed region routes to the table in that region.
+        assert_eq!(routed(&store, Some("eu-west-1"), &pod_caller("team-a")), Ok("team-b/locks-eu".into()));
+        // Unsigned: two regions could serve it; own namespace first still decides.
+        assert_eq!(routed(&store, None, &pod_caller("team-a")), Ok("team-a/locks".into()));
+        // Two other namespaces' LockSources could serve team-c: refused, both named.
+        let conflict = routed(&store, Some("us-east-1"), &pod_caller("team-c")).expect_err("conflict");
+        assert!(
+            conflict.starts_with("ValidationException") && conflict.contains("team-x/grabber") && conflict.contains("team-y/other"),
+            "{conflict}"
+        );
+        // Source ranges admit non-pods only; a pod is never admitted by a range.
+        assert_eq!(routed(&store, Some("us-east-1"), &Caller::NotAPod), Ok("infra/ci".into()));
+        assert!(
+            routed(&store, Some("us-east-1"), &Caller::Unidentified { pods: 2 }).is_err_and(|e| e.starts_with("AccessDeniedException"))
+        );
+        assert!(routed(&store, Some("us-east-1"), &pod_caller("team-z")).is_err_and(|e| e.starts_with("AccessDeniedException")));
+        // An unknown table is DynamoDB's ResourceNotFound.
+        let ip: IpAddr = "10.0.0.7".parse().expect("ip");
+        assert_eq!(
+            choose_source(&store, "nope", None, &Caller::NotAPod, ip, |_| true).expect_err("none").code(),
+            "ResourceNotFoundException"
+        );
+        // A LockSource the operator refuses takes no part in routing.
+        let only_own_refused = choose_source(&store, "tf-locks", Some("us-east-1"), &pod_caller("team-a"), ip, |s| s.name_any() != "locks");
+        assert_eq!(only_own_refused.map(|s| s.name_any()).ok().as_deref(), Some("grabber"));
+    }
+
+    #[test]
+    fn the_signed_region_is_read_from_sigv4() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static(
+                "AWS4-HMAC-SHA256 Credential=AKIAFAKE/20261126/eu-west-1/dynamodb/aws4_request, SignedHeaders=host, Signature=abc",
+            ),
+        );
+        assert_eq!(signed_region(&h).as_deref(), Some("eu-west-1"));
+        h.insert("authorization", HeaderValue::from_static("garbage"));
+        assert_eq!(signed_region(&h), None);
+        assert_eq!(signed_region(&HeaderMap::new()), None);
+    }
+
     #[test]
     fn cidr_matching() {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");

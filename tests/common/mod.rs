@@ -405,11 +405,17 @@ pub fn http_request(method: &str, url: &str, body: &str) -> u16 {
 
 /// One HTTP/1.1 request; the status code and the body.
 pub fn http_fetch(method: &str, url: &str, body: &str) -> (u16, String) {
+    http_fetch_with(method, url, body, &[])
+}
+
+/// [`http_fetch`] with extra request headers.
+pub fn http_fetch_with(method: &str, url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let mut s = std::net::TcpStream::connect(host).expect("connect");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
         .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");

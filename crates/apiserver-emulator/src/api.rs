@@ -82,6 +82,10 @@ pub struct Api {
     /// While true, new watch requests wait before they start (a test hook that makes "the
     /// client reconnects after the history it needs was compacted" deterministic).
     pub watches_paused: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Resources (`group/plural`, group empty for the core group) whose new watch requests wait
+    /// until released: with their open streams ended, a client's cache of them falls behind while
+    /// every other watch flows (a test hook for "one informer is broken or relisting").
+    pub watches_held: Arc<tokio::sync::watch::Sender<std::collections::BTreeSet<String>>>,
 }
 
 /// The list parameters of a request.
@@ -233,6 +237,7 @@ impl Api {
             clock,
             options: Arc::new(options),
             watches_paused: Arc::new(tokio::sync::watch::channel(false).0),
+            watches_held: Arc::new(tokio::sync::watch::channel(std::collections::BTreeSet::new()).0),
         }
     }
 

@@ -576,6 +576,13 @@ async fn watch(
             break;
         }
     }
+    let held_key = format!("{}/{}", rt.group, rt.plural);
+    let mut held = shared.api.watches_held.subscribe();
+    while held.borrow_and_update().contains(&held_key) {
+        if held.changed().await.is_err() {
+            break;
+        }
+    }
     let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or_default()).map_err(status::bad_request)?;
     let fields = shared.api.field_selector(&rt, q.get("fieldSelector").map(String::as_str))?;
     let send_initial = q.get("sendInitialEvents").is_some_and(|s| s == "true");

@@ -121,6 +121,22 @@ impl Emulator {
         self.api.watches_paused.send_replace(paused);
     }
 
+    /// Break the watches of one resource (`group` empty for the core group) and hold new ones
+    /// (true) until released (false): clients' caches of it fall behind while other watches flow.
+    pub fn hold_watches_of(&self, group: &str, plural: &str, held: bool) {
+        let key = format!("{group}/{plural}");
+        self.api.watches_held.send_modify(|set| {
+            if held {
+                set.insert(key);
+            } else {
+                set.remove(&key);
+            }
+        });
+        if held {
+            self.api.lock().store.drop_watches_of(group, plural);
+        }
+    }
+
     /// The next writes answer with these HTTP codes (409 Conflict or any 5xx), one each, in order.
     pub fn fail_next_writes(&self, codes: &[u16]) {
         self.api.lock().faults.next_writes = codes.to_vec();

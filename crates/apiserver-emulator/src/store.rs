@@ -193,6 +193,13 @@ impl Store {
         n
     }
 
+    /// End the open watch streams of one resource (`group` empty for the core group).
+    pub fn drop_watches_of(&mut self, group: &str, plural: &str) -> usize {
+        let before = self.watchers.len();
+        self.watchers.retain(|w| !(w.key.group == group && w.key.plural == plural));
+        before - self.watchers.len()
+    }
+
     /// Open watch streams.
     pub fn watcher_count(&self) -> usize {
         self.watchers.iter().filter(|w| !w.tx.is_closed()).count()

@@ -126,11 +126,11 @@ fn establishing_by_hostname() {
         ("runner gone", "atlantis-3", vec![base.clone()], HolderState::Dead, Reason::RunnerGone),
         ("not a runner hostname", "janes-laptop", vec![base.clone()], HolderState::External, Reason::NoMatchingPod),
         (
-            "a same-named pod in a namespace holders may not use is not the holder",
+            "a same-named pod in a namespace holders may not use is not the holder, nor is the runner gone",
             "atlantis-0",
             vec![pod("elsewhere", "atlantis-0")],
-            HolderState::Dead,
-            Reason::RunnerGone,
+            HolderState::Unknown,
+            Reason::RunnerOutsideHolderNamespaces,
         ),
         (
             "two pods yield the hostname",
@@ -277,7 +277,9 @@ fn every_namespace_only_when_asked() {
         policy: &pol,
     });
     assert_eq!(v.state, HolderState::Alive);
-    assert_eq!(judged(&lock("atlantis-0"), &[p]).reason, Reason::RunnerGone, "outside the holder namespaces: not a candidate");
+    let v = judged(&lock("atlantis-0"), &[p]);
+    assert_eq!(v.reason, Reason::RunnerOutsideHolderNamespaces, "outside the holder namespaces: not a candidate, and not gone either");
+    assert!(v.established.is_none());
 }
 
 // ---- Properties -------------------------------------------------------------------------------
