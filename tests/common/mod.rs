@@ -307,7 +307,10 @@ pub async fn wait_holder_alive(cluster: &TestCluster, namespace: &str, lock_id: 
 
 /// The `statelock` binary with a clean environment: fake AWS credentials for the default chain.
 pub fn statelock_command() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_statelock"));
+    // STATELOCK_TEST_BINARY runs the tests against another build (e.g. an older commit, to show
+    // that the chaos harness finds what that build got wrong).
+    let bin = std::env::var("STATELOCK_TEST_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_statelock").to_owned());
+    let mut cmd = tokio::process::Command::new(bin);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("AWS_ACCESS_KEY_ID", "AKIAFAKE")

@@ -555,6 +555,20 @@ impl Api {
                 .map_err(|e| ApiError { code: 422, ..status::invalid_options("Patch", &[]) }.with_message(e.0))?,
             PatchType::Apply => unreachable!("handled above"),
         }
+        // A merge patch that is not an object replaces the whole document (RFC 7386); what it
+        // leaves cannot be decoded as an object, and the apiserver answers 400.
+        if !doc.is_object() {
+            return Err(status::bad_request(format!(
+                "the patch leaves a JSON {} where an object is expected",
+                match doc {
+                    Value::Array(_) => "array",
+                    Value::String(_) => "string",
+                    Value::Number(_) => "number",
+                    Value::Bool(_) => "boolean",
+                    _ => "null",
+                }
+            )));
+        }
         // A resourceVersion in the patched object is a precondition (kubernetes#63104).
         if let Some(rv) = meta(&doc, "resourceVersion").as_str()
             && rv != meta(&old, "resourceVersion").as_str().unwrap_or_default()
