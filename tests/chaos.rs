@@ -3,7 +3,8 @@
 //! Real operator processes (two, with leader election, as the chart runs them) against the
 //! Kubernetes API emulator and moto, with simulated Terraform runners in emulated pods, under a
 //! schedule of faults drawn from a seed. The operator reaches DynamoDB through a recording proxy
-//! that can also throttle and fail calls; the runners talk to moto directly. The harness knows at
+//! that can also throttle and fail calls; the runners talk to moto directly or through an
+//! operator's gateway (which forwards through the same proxy). The harness knows at
 //! every moment which runner processes are alive: that is the ground truth the checker compares
 //! the recorded deletions against.
 //!
@@ -13,6 +14,8 @@
 //!    unlock, that its lock is still its own: a lock that vanished under it is a violation too.
 //! 2. Liveness: once the faults heal, every lock whose runner is dead and whose pod is gone is
 //!    released within the grace period plus a stated bound; the observed distribution is printed.
+//! 3. No double grant: a runner is granted a lock only after the previous holder's unlock or the
+//!    operator's release of it was sent.
 //!
 //! `cargo test --test chaos` runs the fixed CI seeds. `STATELOCK_CHAOS_SCHEDULES=1000` (and
 //! optionally `STATELOCK_CHAOS_SEED=<first seed>`) runs more; `--nocapture` prints the figures. A
@@ -158,6 +161,8 @@ struct Schedule {
     hold_ms: Vec<u64>,
     /// Per runner: its pod's name is longer than 63 characters (its hostname is the name cut).
     long_name: Vec<bool>,
+    /// Per runner: it talks to DynamoDB through an operator's gateway (which one), or directly.
+    via_gateway: Vec<Option<usize>>,
     steps: Vec<(u64, Fault)>,
 }
 
@@ -166,6 +171,7 @@ fn schedule(seed: u64) -> Schedule {
     let runners = 2 + rng.below(2) as usize;
     let hold_ms = (0..runners).map(|_| 300 + rng.below(2500)).collect();
     let long_name = (0..runners).map(|_| rng.chance(30)).collect();
+    let via_gateway = (0..runners).map(|_| rng.chance(50).then(|| rng.below(2) as usize)).collect();
     let n = 3 + rng.below(6) as usize;
     let mut steps = Vec::new();
     for _ in 0..n {
@@ -195,7 +201,7 @@ fn schedule(seed: u64) -> Schedule {
         };
         steps.push((50 + rng.below(700), f));
     }
-    Schedule { seed, runners, hold_ms, long_name, steps }
+    Schedule { seed, runners, hold_ms, long_name, via_gateway, steps }
 }
 
 // ---- The recording proxy in front of moto --------------------------------------------------------
@@ -357,15 +363,18 @@ struct Env {
     cluster: TestCluster,
     _moto: DynamoServer,
     db: aws_sdk_dynamodb::Client,
+    /// The gateway of each operator process (fixed ports across restarts), as runners see it.
+    gateways: Vec<(u16, aws_sdk_dynamodb::Client)>,
     proxy: Arc<ProxyState>,
     operators: Mutex<Vec<Option<Operator>>>,
     truth: Truth,
 }
 
-fn start_operator(cluster: &TestCluster, i: usize) -> Operator {
+fn start_operator(cluster: &TestCluster, i: usize, gateway_port: u16) -> Operator {
     let admin_port = free_port();
     let mut cmd = common::statelock_command();
     cmd.env("KUBECONFIG", &cluster.kubeconfig)
+        .env("STATELOCK_GATEWAY_ADDR", format!("127.0.0.1:{gateway_port}"))
         .env("STATELOCK_LOG", "info")
         .env("STATELOCK_LEASE_NAMESPACE", SOURCE_NS)
         .env("STATELOCK_LEASE_DURATION", "3s")
@@ -392,12 +401,21 @@ async fn environment() -> Arc<Env> {
                 "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": url},
                 "sync": {"mode": "Scan", "interval": "1s"},
                 "holders": {"namespaces": [RUNNERS], "hostnamePattern": "runner-[0-9]+-[0-9]+"},
-                "expiry": {"mode": "Release", "gracePeriod": "1s", "skewTolerance": "2s"}
+                "expiry": {"mode": "Release", "gracePeriod": "1s", "skewTolerance": "2s"},
+                "gateway": {"allowedSourceRanges": ["127.0.0.1/32"]}
             }),
         )
         .await;
-    let operators = Mutex::new((0..2).map(|i| Some(start_operator(&cluster, i))).collect());
-    Arc::new(Env { cluster, _moto: moto, db, proxy, operators, truth: Truth::default() })
+    let creds =
+        || statelock::dynamo::StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None };
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let client = statelock::dynamo::dynamodb_client("us-east-1", Some(&format!("http://127.0.0.1:{port}")), Some(creds())).await;
+        gateways.push((port, client));
+    }
+    let operators = Mutex::new((0..2).map(|i| Some(start_operator(&cluster, i, gateways[i].0))).collect());
+    Arc::new(Env { cluster, _moto: moto, db, gateways, proxy, operators, truth: Truth::default() })
 }
 
 fn pod_name_of(seed: u64, r: usize, long: bool) -> String {
@@ -467,12 +485,15 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
         now.checked_add(k8s_openapi::jiff::SignedDuration::from_millis(skew)).unwrap_or(now).to_string()
     };
     let info = terraform_info(&id, &who, &lock_id, &created);
+    let db = match s.via_gateway[r] {
+        Some(g) => env.gateways[g].1.clone(),
+        None => env.db.clone(),
+    };
     loop {
         if !me.alive.load(Ordering::SeqCst) {
             return;
         }
-        let put = env
-            .db
+        let put = db
             .put_item()
             .table_name(TABLE)
             .item("LockID", AttributeValue::S(lock_id.clone()))
@@ -522,8 +543,20 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
         return;
     }
     // Unlock as Terraform does: a consistent GetItem, compare the ID, an unconditional delete.
-    let got = env.db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(lock_id.clone())).consistent_read(true).send().await;
-    let Ok(got) = got else { return };
+    // Terraform's SDK retries errors (an operator and its gateway may be down for a moment).
+    let mut got = None;
+    for _ in 0..20 {
+        if let Ok(g) = db.get_item().table_name(TABLE).key("LockID", AttributeValue::S(lock_id.clone())).consistent_read(true).send().await
+        {
+            got = Some(g);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let Some(got) = got else {
+        kill_runner(&env, &me);
+        return;
+    };
     let current = got.item.as_ref().and_then(|i| i.get("Info")).and_then(|v| v.as_s().ok()).cloned();
     if !me.alive.load(Ordering::SeqCst) {
         return;
@@ -538,9 +571,22 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
         }
         return;
     }
-    let _ = env.db.delete_item().table_name(TABLE).key("LockID", AttributeValue::S(lock_id.clone())).send().await;
-    if let Some(i) = *me.instance.lock().expect("instance") {
-        env.truth.instances.lock().expect("truth")[i].unlocked = Some(Instant::now());
+    // The unlock counts from when its delete is sent (another runner may be granted the lock before
+    // the delete's answer arrives).
+    let unlocking = Instant::now();
+    let mut done = false;
+    for _ in 0..20 {
+        if db.delete_item().table_name(TABLE).key("LockID", AttributeValue::S(lock_id.clone())).send().await.is_ok() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !done {
+        // Terraform gives up and exits, leaving its lock: a dead holder.
+        kill_runner(&env, &me);
+    } else if let Some(i) = *me.instance.lock().expect("instance") {
+        env.truth.instances.lock().expect("truth")[i].unlocked = Some(unlocking);
     }
     me.alive.store(false, Ordering::SeqCst);
 }
@@ -628,7 +674,7 @@ async fn apply_fault(env: &Arc<Env>, s: &Schedule, runners: &[Arc<Runner>], f: &
             if let Some(op) = old {
                 op.kill().await;
             }
-            let new = start_operator(&env.cluster, *i);
+            let new = start_operator(&env.cluster, *i, env.gateways[*i].0);
             env.operators.lock().expect("operators")[*i] = Some(new);
         }
         Fault::OperatorPaused(i) => {
@@ -768,10 +814,9 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
     }
     // Safety: every delete the operator sent was for an instance whose runner was dead then.
     for d in env.proxy.deletions.lock().expect("deletions").iter() {
-        let Some(info) = &d.info else {
-            violations.push(format!("the operator sent an unconditional DeleteItem for {}", d.lock_id));
-            continue;
-        };
+        // Unconditional deletes are Terraform's own unlocks forwarded by the gateway; statelock's
+        // releases are always conditioned on the exact Info.
+        let Some(info) = &d.info else { continue };
         let Some(inst) = instances.iter().find(|i| &i.info == info) else { continue };
         let dead_then = inst.died.is_some_and(|t| t <= d.at) || inst.unlocked.is_some_and(|t| t <= d.at);
         let overridden = env.truth.overridden.lock().expect("overridden").contains(&(inst.schedule, inst.runner));
@@ -784,11 +829,35 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
             ));
         }
     }
+    // No double grant: a lock instance is granted only once the previous one of the same LockID
+    // was unlocked by its runner or deleted by the operator.
+    let deletions = env.proxy.deletions.lock().expect("deletions").clone();
+    let mut by_lock: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+    for i in &instances {
+        by_lock.entry(i.lock_id.as_str()).or_default().push(i);
+    }
+    for list in by_lock.values_mut() {
+        list.sort_by_key(|i| i.granted);
+        for pair in list.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            let freed = a.unlocked.is_some_and(|t| t <= b.granted)
+                || deletions.iter().any(|d| d.info.as_deref() == Some(a.info.as_str()) && d.at <= b.granted);
+            if !freed {
+                violations.push(format!(
+                    "seed {}: DOUBLE GRANT: runner {} was granted the lock while runner {} still held it",
+                    b.schedule, b.runner, a.runner
+                ));
+            }
+        }
+    }
     for v in &mut violations {
         if let Some(seed) = v.strip_prefix("seed ").and_then(|r| r.split(':').next()).and_then(|n| n.parse::<u64>().ok())
             && let Some(s) = schedules.iter().find(|s| s.seed == seed)
         {
-            v.push_str(&format!("\n  schedule: {} runners, holds {:?} ms, faults in order: {:?}", s.runners, s.hold_ms, s.steps));
+            v.push_str(&format!(
+                "\n  schedule: {} runners, holds {:?} ms, long names {:?}, through gateway {:?}, faults in order: {:?}",
+                s.runners, s.hold_ms, s.long_name, s.via_gateway, s.steps
+            ));
         }
     }
     Report { schedules: schedules.len() as u64, violations, liveness }
