@@ -822,8 +822,9 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
         let overridden = env.truth.overridden.lock().expect("overridden").contains(&(inst.schedule, inst.runner));
         if !dead_then && !overridden {
             violations.push(format!(
-                "seed {}: SAFETY: the operator deleted the lock of live runner {} ({} after it was granted)",
+                "seed {}: SAFETY: the operator deleted the lock {} of live runner {} ({} after it was granted)",
                 inst.schedule,
+                d.lock_id,
                 inst.runner,
                 humantime(d.at.saturating_duration_since(inst.granted))
             ));
