@@ -502,22 +502,8 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
             .send()
             .await;
         if put.is_ok() {
-            if !me.alive.load(Ordering::SeqCst) {
-                // Died while the call was in flight: the lock is its, held by a dead process.
-                let mut all = env.truth.instances.lock().expect("truth");
-                all.push(Instance {
-                    schedule: s.seed,
-                    runner: r,
-                    lock_id: lock_id.clone(),
-                    info: info.clone(),
-                    granted: Instant::now(),
-                    died: Some(Instant::now()),
-                    unlocked: None,
-                    evidence_at: None,
-                });
-                *me.instance.lock().expect("instance") = Some(all.len() - 1);
-                return;
-            }
+            // A runner that died while its call was in flight holds the lock as a dead process.
+            let died = (!me.alive.load(Ordering::SeqCst)).then(Instant::now);
             let idx = {
                 let mut all = env.truth.instances.lock().expect("truth");
                 all.push(Instance {
@@ -526,13 +512,18 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
                     lock_id: lock_id.clone(),
                     info: info.clone(),
                     granted: Instant::now(),
-                    died: None,
+                    died,
                     unlocked: None,
                     evidence_at: None,
                 });
                 all.len() - 1
             };
             *me.instance.lock().expect("instance") = Some(idx);
+            // Killed between the check above and now: kill_runner saw no instance to mark.
+            if !me.alive.load(Ordering::SeqCst) {
+                env.truth.instances.lock().expect("truth")[idx].died.get_or_insert_with(Instant::now);
+                return;
+            }
             break;
         }
         tokio::time::sleep(backoff).await;

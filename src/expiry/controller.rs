@@ -853,3 +853,33 @@ async fn write_status(
         .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_timing_is_due_after_the_grace_period_and_fails_closed_on_overflow() {
+        let t0: Timestamp = "2026-11-30T00:00:00Z".parse().expect("time");
+        let at = |secs: i64| t0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs)).expect("time");
+        let s = Duration::from_secs;
+        let cases = [
+            ("no grace", s(0), at(0), ReleaseTiming::Due),
+            ("grace over", s(15), at(15), ReleaseTiming::Due),
+            ("grace running", s(15), at(5), ReleaseTiming::Wait(s(10))),
+            (
+                "a moment left waits at least 50 ms",
+                s(15),
+                at(15) - k8s_openapi::jiff::SignedDuration::from_millis(1),
+                ReleaseTiming::Wait(Duration::from_millis(50)),
+            ),
+            ("evidence seen on a clock ahead of ours: wait, never release early", s(0), at(-30), ReleaseTiming::Wait(s(30))),
+            ("a grace that overflows a timestamp", Duration::MAX, at(0), ReleaseTiming::Never),
+            ("a grace of centuries waits", s(400 * 365 * 24 * 3600), at(0), ReleaseTiming::Wait(s(400 * 365 * 24 * 3600))),
+            ("a grace past the calendar's end", s(9000 * 365 * 24 * 3600), at(0), ReleaseTiming::Never),
+        ];
+        for (what, grace, now, want) in cases {
+            assert_eq!(release_timing(t0, grace, now), want, "{what}");
+        }
+    }
+}
