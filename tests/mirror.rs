@@ -454,6 +454,9 @@ async fn the_default_chain_takes_irsa_web_identity_credentials() {
         .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token)
         .env("AWS_ENDPOINT_URL_STS", moto.url())
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        // The operator's own identity (IRSA) for this namespace, and moto as an allowed endpoint.
+        .env("STATELOCK_AWS_IDENTITY_NAMESPACES", NS)
+        .env("STATELOCK_ALLOWED_ENDPOINTS", moto.url())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let op = Operator::start_with(&cluster, cmd);
