@@ -69,6 +69,8 @@ pub struct State {
     pub faults: Faults,
     /// Resource requests in arrival order (kept only with RBAC on, bounded).
     pub audit: std::collections::VecDeque<AuditRecord>,
+    /// Requests by (user, verb, resource) since the start, never dropped.
+    pub audit_counts: std::collections::BTreeMap<(String, String, String), u64>,
     uid_counter: u64,
     random: u64,
 }
@@ -216,6 +218,7 @@ impl Api {
             registry: Registry::default(),
             faults: Faults::default(),
             audit: Default::default(),
+            audit_counts: Default::default(),
             uid_counter: 0,
             random,
         };
@@ -249,6 +252,7 @@ impl Api {
     /// Append to the audit log (bounded: the oldest records go first).
     pub fn record_audit(&self, record: AuditRecord) {
         let mut st = self.lock();
+        *st.audit_counts.entry((record.user.clone(), record.verb.clone(), record.resource.clone())).or_default() += 1;
         if st.audit.len() >= 100_000 {
             st.audit.pop_front();
         }
@@ -719,6 +723,10 @@ impl Api {
                 });
                 if !others_own && !applied_set.iter().any(|a| a.starts_with(&p)) {
                     managed::remove_at(&mut merged, &p);
+                    managed::prune_empty_parents(&mut merged, &p, |parent| {
+                        applied_set.iter().any(|a| a.as_slice() == parent)
+                            || entries.iter().any(|e| e.fields.iter().any(|f| f.as_slice() == parent))
+                    });
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! It serves discovery, CRUD, watch, server-side apply and server-side Tables for built-in kinds
 //! and for custom resources registered live by CustomResourceDefinitions, so that the operator,
 //! the real `kubectl` and the Python `kubernetes` client can all talk to it. Its fidelity rules
-//! are in `../shared/reference/kube-api-contract.md`; what it leaves out is listed in its README.
+//! are in `../shared/reference/kube-api-contract.md` (from the repository root); what it leaves out is listed in its README.
 //! It is a test tool: it must never be lenient where a real API server is strict.
 
 pub mod api;
@@ -161,6 +161,11 @@ impl Emulator {
     /// Resource requests so far (user, verb, resource, allowed), with RBAC on; the last 100,000.
     pub fn audit(&self) -> Vec<api::AuditRecord> {
         self.api.lock().audit.iter().cloned().collect()
+    }
+
+    /// Resource requests so far by (user, verb, resource), with RBAC on; none forgotten.
+    pub fn audit_counts(&self) -> std::collections::BTreeMap<(String, String, String), u64> {
+        self.api.lock().audit_counts.clone()
     }
 
     /// Watches refused with 410 Expired so far.

@@ -207,6 +207,21 @@ pub fn remove_at(obj: &mut Value, path: &[Step]) {
     }
 }
 
+/// After `path` was removed: remove the objects above it that are left empty, nearest first, as
+/// structured-merge-diff does (an emptied struct becomes null, and a CRD drops a null field that
+/// is not nullable), unless `kept` says an ancestor is owned or applied as such. Top-level
+/// sections (`spec`, `status`, `metadata`) stay.
+pub fn prune_empty_parents(obj: &mut Value, path: &[Step], kept: impl Fn(&[Step]) -> bool) {
+    for len in (2..path.len()).rev() {
+        let parent = &path[..len];
+        let empty = get_at(obj, parent).is_some_and(|v| v.as_object().is_some_and(Map::is_empty));
+        if !empty || kept(parent) || !matches!(parent.last(), Some(Step::F(_))) {
+            return;
+        }
+        remove_at(obj, parent);
+    }
+}
+
 /// Merge an applied configuration into the live object, following the field types.
 pub fn merge_applied(live: &mut Value, applied: &Value, schema: Option<&Value>, field: &str) {
     match applied {
@@ -391,6 +406,26 @@ pub fn owns(set: &FieldSet, path: &[Step]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emptied_struct_goes_with_its_last_field_unless_someone_owns_it() {
+        let f = |names: &[&str]| names.iter().map(|n| Step::F((*n).to_owned())).collect::<Vec<_>>();
+        let mut obj = json!({"status": {"holder": {"state": "Alive", "evidence": {"reason": "PodNotFound"}}}});
+        remove_at(&mut obj, &f(&["status", "holder", "evidence", "reason"]));
+        prune_empty_parents(&mut obj, &f(&["status", "holder", "evidence", "reason"]), |_| false);
+        assert_eq!(obj, json!({"status": {"holder": {"state": "Alive"}}}), "no empty evidence left to fail validation");
+        // A struct someone owns (or applies) as such stays, even empty; top-level sections stay.
+        let mut obj = json!({"status": {"holder": {"evidence": {"reason": "x"}}}});
+        remove_at(&mut obj, &f(&["status", "holder", "evidence", "reason"]));
+        prune_empty_parents(&mut obj, &f(&["status", "holder", "evidence", "reason"]), |p| {
+            p == f(&["status", "holder", "evidence"]).as_slice()
+        });
+        assert_eq!(obj, json!({"status": {"holder": {"evidence": {}}}}));
+        let mut obj = json!({"status": {"a": {"b": 1}}});
+        remove_at(&mut obj, &f(&["status", "a", "b"]));
+        prune_empty_parents(&mut obj, &f(&["status", "a", "b"]), |_| false);
+        assert_eq!(obj, json!({"status": {}}));
+    }
 
     #[test]
     fn fields_v1_round_trips() {
