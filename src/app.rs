@@ -1,5 +1,6 @@
 //! The one place that knows everything: builds the clients and the shutdown signal, checks the
-//! cluster, and starts the servers and controllers. Other modules never reach across each other.
+//! cluster, starts the shared caches, and starts the servers and controllers. Components share only
+//! the caches (`cluster`), the StateLock writer and the pure modules; none reaches into another.
 
 use std::{fs, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,6 +16,7 @@ use crate::{
     admin::{self, Readiness},
     cli::GatewayBackend,
     cli::{CrdsArgs, RunArgs},
+    cluster::Cluster,
     crd, expiry, gateway,
     leader::{self, Leadership},
     metrics::Metrics,
@@ -123,7 +125,21 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         allowed_endpoints: args.allowed_endpoints.clone(),
     });
     info!(identity_namespaces = ?tenancy.identity_namespaces, allowed_endpoints = ?tenancy.allowed_endpoints, "tenancy");
-    let mirror_ctx = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leadership.clone(), tenancy.clone()));
+    // The watches every component reads: one per kind. LockSources the operator refuses widen
+    // nothing (the in-memory gateway backend, for tests and benchmarks, serves them all).
+    let served = {
+        let (tenancy, all) = (tenancy.clone(), matches!(args.gateway_backend, GatewayBackend::Memory));
+        move |s: &crd::LockSource| all || tenancy.check(s).is_ok()
+    };
+    let (cluster, lock_triggers) = Cluster::start(&client, served, &shutdown);
+    let mirror_ctx = Arc::new(mirror::Context::new(
+        client.clone(),
+        recorder.clone(),
+        metrics.clone(),
+        leadership.clone(),
+        tenancy.clone(),
+        cluster.clone(),
+    ));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
     let expiry = tokio::spawn(expiry::controller::run(
         expiry::controller::Deps {
@@ -132,12 +148,16 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
             metrics: metrics.clone(),
             leader: leadership.clone(),
             tenancy: tenancy.clone(),
+            cluster: cluster.clone(),
+            lock_triggers,
         },
         readiness.clone(),
         shutdown.clone(),
     ));
     let gateway = match args.gateway_addr {
-        Some(addr) => Some(start_gateway(&client, recorder, &args, addr, &metrics, &readiness, &shutdown, tenancy.clone()).await?),
+        Some(addr) => {
+            Some(start_gateway(&client, &cluster, recorder, &args, addr, &metrics, &readiness, &shutdown, tenancy.clone()).await?)
+        }
         None => None,
     };
 
@@ -173,10 +193,11 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
     Ok(())
 }
 
-/// Start the gateway: its own pod and LockSource caches, then the server.
+/// Start the gateway (on the shared caches), then the server.
 #[allow(clippy::too_many_arguments)]
 async fn start_gateway(
     client: &Client,
+    cluster: &Arc<Cluster>,
     recorder: Recorder,
     args: &RunArgs,
     addr: SocketAddr,
@@ -185,7 +206,7 @@ async fn start_gateway(
     shutdown: &CancellationToken,
     tenancy: Arc<crate::tenancy::TenancyPolicy>,
 ) -> Result<tokio::task::JoinHandle<io::Result<()>>, RunError> {
-    readiness.add_gate("gateway", "syncing the gateway's pod and LockSource caches");
+    readiness.add_gate("gateway", "waiting for the pod and LockSource caches");
     let listener = TcpListener::bind(addr).await.map_err(|source| RunError::BindGateway { addr, source })?;
     info!(%addr, backend = ?args.gateway_backend, "gateway listening");
     let backend = match args.gateway_backend {
@@ -193,7 +214,8 @@ async fn start_gateway(
         GatewayBackend::Memory => gateway::server::Backend::Memory(Arc::new(gateway::memory::MemoryTables::default())),
     };
     let config = gateway::effects::EffectsConfig { waiter_timeout: args.gateway_waiter_timeout, ..Default::default() };
-    let gw = gateway::server::Gateway::new(client.clone(), recorder, backend, metrics.clone(), config, tenancy);
+    let caches = gateway::caches::Caches::new(cluster);
+    let gw = gateway::server::Gateway::with_caches(client.clone(), caches, recorder, backend, metrics.clone(), config, tenancy);
     {
         let (gw, readiness) = (gw.clone(), readiness.clone());
         tokio::spawn(async move {

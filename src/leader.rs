@@ -1,6 +1,7 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease.
 //!
-//! Every replica keeps its caches warm; only the leader mirrors, expires and writes status.
+//! Every replica keeps its caches warm; only the leader mirrors, expires and writes their status
+//! (the gateway serves, and records what it sees, on every replica).
 //! Leadership is held locally only until `renew_deadline` after the start of the last successful
 //! renewal, so a leader cut off from the API server stops acting on its own before anyone else may
 //! take over (others wait a full `duration` after they last saw the Lease change, measured on

@@ -1,7 +1,8 @@
 //! Prometheus metrics, served by the admin server at `/metrics` in the OpenMetrics text format.
 //!
-//! Labels are bounded categories (operation, result, outcome), never object names: a cluster
-//! with ten thousand locks must not make ten thousand series.
+//! Labels are bounded categories (operation, result, outcome); the only object names are a
+//! LockSource's namespace and name (admin-declared and few), never a StateLock, pod or lock ID: a
+//! cluster with ten thousand locks must not make ten thousand series.
 
 use std::sync::Arc;
 
@@ -55,7 +56,8 @@ pub struct SourceLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExpirationLabels {
-    /// The evidence reason (`PodDeleted`, `ContainerRestarted`, ..) or `ForceUnlock`.
+    /// The evidence reason (`PodNotFound`, `PodReplaced`, `PodCompleted`, `ContainerRestarted`,
+    /// `RunnerGone`) or `ForceUnlock`.
     pub reason: String,
 }
 
@@ -74,7 +76,7 @@ pub struct ControllerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub controller: ControllerName,
-    /// A stable error category (`TableUnreadable`, `KubernetesApiError`, ..).
+    /// An [`crate::errors::ErrorCategory`] (`kubernetes_unavailable`, `dynamodb_throttled`, ..).
     pub category: String,
 }
 

@@ -25,7 +25,8 @@ pub const GATEWAY_HOLDER_MISMATCH: &str = "GatewayHolderMismatch";
 
 /// A `statelock.dev/force-unlock` request released the lock. Warning.
 pub const FORCE_UNLOCKED: &str = "ForceUnlocked";
-/// A force-unlock request was refused because the holder is alive. Warning.
+/// A force-unlock request was refused: the holder is not known to be dead (Alive, Unknown or
+/// Ambiguous) and the live override is not set, or the authorities could not be read. Warning.
 pub const UNLOCK_REFUSED: &str = "UnlockRefused";
 /// A force-unlock request named another lock ID: nothing released. Warning.
 pub const UNLOCK_ID_MISMATCH: &str = "UnlockIdMismatch";
@@ -46,7 +47,8 @@ pub const CONDITION_READY: &str = "Ready";
 /// The label every StateLock carries with the name of its LockSource.
 pub const SOURCE_LABEL: &str = "statelock.dev/source";
 
-/// Field manager of the expiry controller (owns `status.holder` and `status.phase`).
+/// Field manager of the expiry controller (owns `status.holder`, `status.phase`, `status.release`
+/// and `status.observedGeneration`).
 pub const CONTROLLER_MANAGER: &str = "statelock-controller";
 
 /// Field manager of the gateway's holder record (`status.gatewayHolder`).
@@ -55,5 +57,6 @@ pub const GATEWAY_MANAGER: &str = "statelock-gateway";
 /// server-side apply removes the fields its manager applied before and omits now.
 pub const GATEWAY_WAITERS_MANAGER: &str = "statelock-gateway-waiters";
 
-/// Field manager of the mirror (owns StateLock spec and the mirror's conditions).
+/// Field manager of the mirror (owns StateLock spec, the mirror's conditions and the LockSource
+/// status; the gateway applies StateLock specs under it too, so neither fights the other).
 pub const MIRROR_MANAGER: &str = "statelock-mirror";

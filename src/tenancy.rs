@@ -40,7 +40,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The reason on the LockSource's Ready condition and in events.
+    /// The reason on the LockSource's Ready condition and in StateLock status messages.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::OperatorIdentityNotAllowed { .. } => "OperatorIdentityNotAllowed",

@@ -235,7 +235,7 @@ fn fuzz_lock_items_and_info() {
             if let TableItem::Lock(r) = parse_item(&item) {
                 // What a StateLock keeps is bounded, whatever the input.
                 for f in [&r.info.id, &r.info.who, &r.info.operation, &r.info.path] {
-                    if f.as_ref().is_some_and(|s| s.len() > statelock::dynamo::lock_item::MAX_FIELD_BYTES) {
+                    if f.as_ref().is_some_and(|s| s.len() > statelock::lock_record::MAX_FIELD_BYTES) {
                         return Err("an Info field longer than the cap was kept".into());
                     }
                 }

@@ -200,6 +200,20 @@ async fn a_restarted_operator_creates_no_duplicates_and_no_spurious_events() {
     op2.stop().await;
 }
 
+/// Accept on `from` and forward every connection to `to`, from now on.
+async fn forward(from: u16, to: u16) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", from)).await.expect("bind the old port");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_table_is_reported_and_statelocks_are_kept() {
     let port = common::free_port();
@@ -222,11 +236,13 @@ async fn an_unreachable_table_is_reported_and_statelocks_are_kept() {
     assert_eq!(statelocks(&cluster).await.len(), 1, "an outage never looks like a release");
     assert!(events_for(&cluster, &state_lock_name(id), "LockReleased").await.is_empty());
 
-    // Back: a new moto on the same port, with the lock still held.
-    let moto = DynamoServer::moto_on(port);
+    // Back: a new moto, with the lock still held, reachable on the same port only once its table
+    // holds the lock (a table seen empty in between would rightly count as a release).
+    let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
     put_item(&moto.dynamodb().await, TABLE, &[("LockID", id), ("Info", &terraform_info("k-1", "root@runner", id, "2026-11-26T13:02:20Z"))])
         .await;
+    forward(port, moto.port).await;
     eventually(Duration::from_secs(60), "Ready=True again", || async {
         let s = source_status(&cluster).await;
         s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())

@@ -129,10 +129,13 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
     let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
     let metrics = statelock::metrics::Metrics::new();
     let leader = statelock::leader::Leadership::always();
-    let mirror = Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leader.clone(), open_tenancy()));
     let cancel = CancellationToken::new();
+    let (cluster, lock_triggers) = statelock::cluster::Cluster::start(&client, |_| true, &cancel);
+    let mirror =
+        Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leader.clone(), open_tenancy(), cluster.clone()));
     tokio::spawn(mirror::run(mirror.clone(), Readiness::default(), cancel.clone()));
-    let deps = expiry::controller::Deps { client: client.clone(), recorder, metrics, leader, tenancy: open_tenancy() };
+    let deps =
+        expiry::controller::Deps { client: client.clone(), recorder, metrics, leader, tenancy: open_tenancy(), cluster, lock_triggers };
     tokio::spawn(expiry::controller::run(deps, Readiness::default(), cancel.clone()));
     Rig { emulator, client, mirror, cancel }
 }

@@ -79,12 +79,10 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 ///
 /// Every step is checked: no input panics, and values above [`MAX_DURATION`] are refused.
 pub fn parse_go_duration(text: &str) -> Result<Duration, GoDurationError> {
-    let invalid = |reason: &str| GoDurationError::Invalid {
-        text: crate::dynamo::lock_item::truncate(text, 64).to_owned(),
-        reason: reason.to_owned(),
-    };
+    let invalid =
+        |reason: &str| GoDurationError::Invalid { text: crate::lock_record::truncate(text, 64).to_owned(), reason: reason.to_owned() };
     if text.starts_with('-') {
-        return Err(GoDurationError::Negative { text: crate::dynamo::lock_item::truncate(text, 64).to_owned() });
+        return Err(GoDurationError::Negative { text: crate::lock_record::truncate(text, 64).to_owned() });
     }
     if text.len() > 64 {
         return Err(invalid("longer than 64 characters"));
@@ -167,7 +165,7 @@ impl<'de> Deserialize<'de> for GoDuration {
         Ok(text.parse().unwrap_or_else(|e: GoDurationError| Self {
             value: MAX_DURATION,
             problem: Some(e.to_string()),
-            text: crate::dynamo::lock_item::truncate(&text, 64).to_owned(),
+            text: crate::lock_record::truncate(&text, 64).to_owned(),
         }))
     }
 }

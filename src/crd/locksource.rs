@@ -241,7 +241,7 @@ pub struct GatewaySpec {
     /// Namespaces whose pods may use the table through the gateway. Unset means only this
     /// LockSource's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 63}))]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 63, "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}))]
     pub allowed_namespaces: Option<Vec<String>>,
 
     /// CIDR ranges of callers that are not pods and may use the table through the gateway. None
@@ -268,7 +268,8 @@ pub struct LockSourceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_count: Option<i32>,
 
-    /// When the table was last read in full without error.
+    /// When a sync pass (a full Scan, or following the stream) last succeeded; refreshed at most
+    /// once a minute while nothing else changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
 
@@ -311,8 +312,29 @@ impl LockSourceSpec {
         if self.holders.namespaces.iter().any(|n| n == "*") && self.holders.namespaces.len() > 1 {
             out.push("holders.namespaces: \"*\" (every namespace) must be the only entry".into());
         }
+        // Namespace names become parts of API paths (the pod watches): only real names pass.
+        for n in self.holders.namespaces.iter().filter(|n| *n != "*") {
+            if !is_namespace_name(n) {
+                out.push(format!("holders.namespaces: {:?} is not a namespace name", crate::lock_record::truncate(n, 64)));
+            }
+        }
+        for n in self.gateway.allowed_namespaces.iter().flatten() {
+            if !is_namespace_name(n) {
+                out.push(format!("gateway.allowedNamespaces: {:?} is not a namespace name", crate::lock_record::truncate(n, 64)));
+            }
+        }
         out
     }
+}
+
+/// A DNS-1123 label: what a namespace's name must be.
+pub fn is_namespace_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 impl HolderSpec {

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 
 /// The lock record of one held Terraform/OpenTofu state lock.
 ///
-/// The mirror owns `spec` (server-side apply, field manager `statelock-mirror`); the controller
-/// owns `status` (field manager `statelock-controller`).
+/// The mirror owns `spec` and `status.conditions` (server-side apply, field manager
+/// `statelock-mirror`); the expiry controller owns `status.phase`, `status.holder` and
+/// `status.release` (`statelock-controller`); the gateway owns `status.gatewayHolder`
+/// (`statelock-gateway`) and `status.contention` (`statelock-gateway-waiters`).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
     group = "statelock.dev",
@@ -166,13 +168,13 @@ pub struct StateLockStatus {
     pub contention: Option<ContentionStatus>,
 
     /// Why statelock has not released this lock although it considered doing so (a dead holder in
-    /// Observe mode, the grace period, evidence the authorities did not confirm, a malformed lock,
-    /// a refused manual unlock). Absent while there is nothing to release.
+    /// Observe mode, the grace period, evidence the authorities did not confirm, a refused or
+    /// undecided manual unlock, a LockSource the operator refuses). Absent while there is nothing
+    /// to release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleaseStatus>,
 
-    /// The latest observations of the lock's state (`InfoValid`, `HolderResolved`, `Stale`,
-    /// `Released`), one per type.
+    /// The mirror's observations of the lock record (`InfoValid`, `Stale`), one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -222,10 +224,11 @@ pub struct HolderStatus {
     /// Whether the holder is alive.
     pub state: HolderState,
 
-    /// A CamelCase reason for the state, e.g. `PodRunning`, `PodNotFound`, `PodReplaced`,
-    /// `PodCompleted`, `ContainerRestarted`, `RunnerGone`, `NoMatchingPod`, `SeveralPods`,
-    /// `HolderNotEstablished`, `LockMalformed`, `CacheNotSynced`, `ApiError`, `SourceNotFound`,
-    /// `SourceRefused`.
+    /// A CamelCase reason for the state: `PodRunning`, `PodTerminating`, `PodPhaseUnknown`,
+    /// `PodNotFound`, `PodReplaced`, `PodCompleted`, `ContainerRestarted`, `RunnerGone`,
+    /// `NoHostname`, `NoMatchingPod`, `SeveralPods`, `HolderNotEstablished`,
+    /// `RunnerOutsideHolderNamespaces`, `LockMalformed`, `CacheNotSynced`, `ApiError`,
+    /// `SourceNotFound`, `SourceRefused`.
     pub reason: String,
 
     /// A human-readable explanation of the state.
@@ -308,8 +311,8 @@ pub struct EstablishedHolder {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReleaseStatus {
-    /// A CamelCase reason, e.g. `ObserveMode`, `GracePeriod`, `NotConfirmed`, `LockMalformed`,
-    /// `HolderAlive`, `SourceRefused`, `ApiError`, `LockChanged`, `PartialRelease`.
+    /// A CamelCase reason: `GracePeriod`, `GracePeriodOverflow`, `ObserveMode`, `NotConfirmed`,
+    /// `LockChanged`, `UnlockRefused`, `UnlockNotDecided` or `SourceRefused`.
     pub reason: String,
 
     /// What exactly stopped the release.

@@ -9,5 +9,5 @@ pub mod source_credentials;
 pub mod streams;
 mod table;
 
-pub use sdk::{DynamoClients, StaticCredentials, dynamo_clients, dynamodb_client, passthrough_client, sdk_config};
-pub use table::{DynamoError, ScanOutput, get_item, scan_table, stream_arn};
+pub use sdk::{StaticCredentials, dynamodb_client, passthrough_client, sdk_config};
+pub use table::{DynamoError, ScanOutput, SdkFailure, get_item, scan_table, stream_arn};

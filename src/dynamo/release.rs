@@ -1,10 +1,10 @@
 //! Releasing a lock: only the exact lock instance that was judged, never Terraform's
 //! unconditional delete.
 
-use aws_sdk_dynamodb::{error::DisplayErrorContext, operation::delete_item::DeleteItemError, types::AttributeValue};
+use aws_sdk_dynamodb::{operation::delete_item::DeleteItemError, types::AttributeValue};
 use sha2::{Digest, Sha256};
 
-use super::{DynamoError, get_item};
+use super::{DynamoError, SdkFailure, get_item};
 
 /// What a release attempt did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,10 +57,6 @@ pub async fn delete_if_info(
         Err(e) if matches!(e.as_service_error(), Some(DeleteItemError::ConditionalCheckFailedException(_))) => {
             Ok(ReleaseOutcome::HeldByAnother)
         }
-        Err(e) => Err(DynamoError::DeleteItem {
-            table: table.to_owned(),
-            lock_id: lock_id.to_owned(),
-            message: DisplayErrorContext(&e).to_string(),
-        }),
+        Err(e) => Err(DynamoError::DeleteItem { table: table.to_owned(), lock_id: lock_id.to_owned(), source: SdkFailure::new(e) }),
     }
 }

@@ -14,13 +14,6 @@ pub struct StaticCredentials {
     pub session_token: Option<String>,
 }
 
-/// The clients for one table: the table itself and its stream.
-#[derive(Clone, Debug)]
-pub struct DynamoClients {
-    pub table: aws_sdk_dynamodb::Client,
-    pub streams: aws_sdk_dynamodbstreams::Client,
-}
-
 /// The SDK configuration for one table's region and endpoint.
 ///
 /// Without static credentials it uses the default chain (environment, shared config, IRSA web
@@ -48,12 +41,6 @@ pub async fn sdk_config(region: &str, endpoint: Option<&str>, credentials: Optio
         ));
     }
     loader.load().await
-}
-
-/// The table and stream clients for one table.
-pub async fn dynamo_clients(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> DynamoClients {
-    let config = sdk_config(region, endpoint, credentials).await;
-    DynamoClients { table: aws_sdk_dynamodb::Client::new(&config), streams: aws_sdk_dynamodbstreams::Client::new(&config) }
 }
 
 /// A DynamoDB client for one table's region and endpoint.

@@ -17,7 +17,14 @@ pub enum SourceAccessError {
 }
 
 impl SourceAccessError {
-    /// The reason on conditions and events.
+    pub fn category(&self) -> crate::errors::ErrorCategory {
+        match self {
+            Self::Refused(_) => crate::errors::ErrorCategory::SourceRefused,
+            Self::Secret(_) => crate::errors::ErrorCategory::CredentialsUnavailable,
+        }
+    }
+
+    /// The reason on the LockSource's Ready condition.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Refused(r) => r.reason(),

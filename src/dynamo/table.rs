@@ -2,32 +2,57 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::{error::DisplayErrorContext, types::AttributeValue};
+use aws_sdk_dynamodb::{
+    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
+    types::AttributeValue,
+};
+
+use crate::errors::ErrorCategory;
 
 use super::capacity;
 
 /// A DynamoDB call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DynamoError {
-    #[error("failed to scan DynamoDB table {table}: {message}")]
-    ScanTable { table: String, message: String },
-    #[error("failed to describe DynamoDB table {table}: {message}")]
-    DescribeTable { table: String, message: String },
-    #[error("failed to read lock item {lock_id} from DynamoDB table {table}: {message}")]
-    GetItem { table: String, lock_id: String, message: String },
-    #[error("failed to delete lock item {lock_id} from DynamoDB table {table}: {message}")]
-    DeleteItem { table: String, lock_id: String, message: String },
+    #[error("failed to scan DynamoDB table {table}: {source}")]
+    ScanTable { table: String, source: SdkFailure },
+    #[error("failed to describe DynamoDB table {table}: {source}")]
+    DescribeTable { table: String, source: SdkFailure },
+    #[error("failed to read lock item {lock_id} from DynamoDB table {table}: {source}")]
+    GetItem { table: String, lock_id: String, source: SdkFailure },
+    #[error("failed to delete lock item {lock_id} from DynamoDB table {table}: {source}")]
+    DeleteItem { table: String, lock_id: String, source: SdkFailure },
 }
 
 impl DynamoError {
-    /// A stable category for metrics and event reasons.
-    pub fn category(&self) -> &'static str {
+    pub fn category(&self) -> ErrorCategory {
         match self {
-            Self::ScanTable { .. } => "dynamodb_scan",
-            Self::DescribeTable { .. } => "dynamodb_describe",
-            Self::GetItem { .. } => "dynamodb_get",
-            Self::DeleteItem { .. } => "dynamodb_delete",
+            Self::ScanTable { source, .. }
+            | Self::DescribeTable { source, .. }
+            | Self::GetItem { source, .. }
+            | Self::DeleteItem { source, .. } => source.category,
         }
+    }
+}
+
+/// An AWS SDK call that failed: the error itself (as its source), its category, and its
+/// message with the whole chain of causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SdkFailure {
+    pub category: ErrorCategory,
+    message: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SdkFailure {
+    pub fn new<E, R>(e: SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        Self { category: ErrorCategory::of_sdk(&e), message: DisplayErrorContext(&e).to_string(), source: Box::new(e) }
     }
 }
 
@@ -51,7 +76,7 @@ pub async fn scan_table(client: &aws_sdk_dynamodb::Client, table: &str) -> Resul
             .set_exclusive_start_key(start.take())
             .send()
             .await
-            .map_err(|e| DynamoError::ScanTable { table: table.to_owned(), message: DisplayErrorContext(&e).to_string() })?;
+            .map_err(|e| DynamoError::ScanTable { table: table.to_owned(), source: SdkFailure::new(e) })?;
         let items = page.items.unwrap_or_default();
         out.read_units += capacity::scan_page_read_units(&items, false);
         out.items.extend(items);
@@ -70,7 +95,7 @@ pub async fn stream_arn(client: &aws_sdk_dynamodb::Client, table: &str) -> Resul
         .table_name(table)
         .send()
         .await
-        .map_err(|e| DynamoError::DescribeTable { table: table.to_owned(), message: DisplayErrorContext(&e).to_string() })?;
+        .map_err(|e| DynamoError::DescribeTable { table: table.to_owned(), source: SdkFailure::new(e) })?;
     let t = d.table;
     let enabled = t.as_ref().and_then(|t| t.stream_specification.as_ref()).is_some_and(|s| s.stream_enabled);
     Ok(if enabled { t.and_then(|t| t.latest_stream_arn) } else { None })
@@ -89,11 +114,7 @@ pub async fn get_item(
         .consistent_read(true)
         .send()
         .await
-        .map_err(|e| DynamoError::GetItem {
-            table: table.to_owned(),
-            lock_id: lock_id.to_owned(),
-            message: DisplayErrorContext(&e).to_string(),
-        })?;
+        .map_err(|e| DynamoError::GetItem { table: table.to_owned(), lock_id: lock_id.to_owned(), source: SdkFailure::new(e) })?;
     let units = capacity::get_item_read_units(r.item.as_ref(), true);
     Ok((r.item, units))
 }

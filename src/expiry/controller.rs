@@ -1,29 +1,24 @@
 //! The expiry controller: for each StateLock, resolve the holder, judge it
 //! ([`holder_liveness::judge`]), record the verdict in status, and release the lock only on
-//! evidence of death held for the grace period, through [`release_exact`].
+//! evidence of death held for the grace period ([`super::decision`]), through a delete conditioned
+//! on the exact Info read ([`crate::dynamo::release::delete_if_info`]).
 //!
 //! Reconciles are event-driven: pod changes map to the StateLocks whose holder they may be (by
 //! hostname or recorded pod), and a pending decision is requeued for the moment its grace period
 //! ends. Status is written with server-side apply as `statelock-controller`, only when it changed.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::ListParams,
     runtime::{
-        Controller, WatchStreamExt,
+        Controller,
         controller::Action,
-        events::{Event, EventType, Recorder},
-        reflector::{self, ObjectRef, Store},
+        events::Recorder,
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -31,31 +26,38 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::decision::{self, Blocked, ExpiryStep, UnlockRequest, UnlockStep};
 use super::holder_liveness::{
-    self, ContainerFacts, Established, Facts, HOLDER_CONTAINER_ANNOTATION, HolderLookup, HolderNamespaces, HolderPolicy, HostnameSpec,
-    LockFacts, PodFacts, PodRef, PodView, Reason, Verdict,
+    self, Established, Facts, HolderLookup, HolderNamespaces, HolderPolicy, LockFacts, PodFacts, PodRef, PodView, Reason, Verdict,
 };
-use super::manual_unlock::{self, FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION, UnlockDecision};
+use super::manual_unlock::{FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION};
 use crate::{
     admin::Readiness,
+    cluster::{
+        Cluster, LockTriggers,
+        aws::SourceClients,
+        pods::{PodCache, pod_facts},
+        writer::{LockWriter, Writer},
+    },
     crd::{
-        DeathEvidence, EstablishedHolder, ExpiryMode, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource,
-        ReleaseStatus, StateLock, StateLockStatus,
+        DeathEvidence, EstablishedHolder, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, ReleaseStatus, StateLock,
+        StateLockStatus,
     },
     dynamo::{
         self,
-        lock_item::{LockRecord, TableItem, parse_created, parse_item, split_who},
+        lock_item::{TableItem, parse_item},
         release::{ReleaseOutcome, delete_if_info},
         source_credentials::SourceAccessError,
     },
+    errors::ErrorCategory,
     leader::Leadership,
+    lock_record::{LockRecord, parse_created, split_who},
     metrics::{ControllerLabels, ControllerName, ErrorLabels, ExpirationLabels, Metrics},
     reasons,
     tenancy::TenancyPolicy,
 };
 
 /// What the controller is given.
-#[derive(Clone)]
 pub struct Deps {
     pub client: Client,
     pub recorder: Recorder,
@@ -64,41 +66,29 @@ pub struct Deps {
     pub leader: Leadership,
     /// Which LockSources may be served, and with whose identity.
     pub tenancy: Arc<TenancyPolicy>,
+    /// The shared caches.
+    pub cluster: Arc<Cluster>,
+    /// The StateLock watch, which this controller drives for everyone.
+    pub lock_triggers: LockTriggers,
 }
 
 /// Everything reconciles share.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub leader: Leadership,
-    pub pods: Store<Pod>,
+    pub pods: Arc<PodCache>,
     pub sources: Store<LockSource>,
-    pub pods_synced: AtomicBool,
+    writer: LockWriter,
     pub tenancy: Arc<TenancyPolicy>,
-    /// One SDK client per LockSource, rebuilt when its spec (resource version) or credentials change.
-    clients: std::sync::Mutex<std::collections::HashMap<(String, String), (String, aws_sdk_dynamodb::Client)>>,
+    /// The shared SDK clients, one set per LockSource.
+    aws: Arc<SourceClients>,
 }
 
 impl Context {
-    /// The LockSource's DynamoDB client (after the tenancy check, in [`dynamo::source_credentials`]).
+    /// The LockSource's DynamoDB client (the shared one, after the tenancy check).
     async fn dynamodb(&self, source: &LockSource) -> Result<aws_sdk_dynamodb::Client, ExpiryError> {
-        let creds = dynamo::source_credentials::for_source(&self.client, &self.tenancy, source).await?;
-        let key = (source.namespace().unwrap_or_default(), source.name_any());
-        let fingerprint = format!(
-            "{}/{}",
-            source.resource_version().unwrap_or_default(),
-            creds.as_ref().map(|c| format!("{}:{}", c.access_key_id, c.secret_access_key.len())).unwrap_or_default()
-        );
-        if let Some((f, c)) = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
-            && *f == fingerprint
-        {
-            return Ok(c.clone());
-        }
-        let d = &source.spec.dynamodb;
-        let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
-        self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, (fingerprint, client.clone()));
-        Ok(client)
+        Ok(self.aws.get(&self.client, &self.tenancy, source).await?.table.clone())
     }
 
     fn ensure_leader(&self) -> Result<(), ExpiryError> {
@@ -120,45 +110,13 @@ pub enum ExpiryError {
 }
 
 impl ExpiryError {
-    pub fn category(&self) -> &'static str {
+    pub fn category(&self) -> ErrorCategory {
         match self {
-            Self::WriteStatus { .. } => "kubernetes_api",
+            Self::WriteStatus { error, .. } => ErrorCategory::of_kube(error),
             Self::Dynamo(e) => e.category(),
-            Self::Credentials(e) => e.reason(),
-            Self::NotLeader => "not_leader",
+            Self::Credentials(e) => e.category(),
+            Self::NotLeader => ErrorCategory::NotLeader,
         }
-    }
-}
-
-/// The facts about a pod the judge needs.
-pub fn pod_facts(p: &Pod) -> PodFacts {
-    let status = p.status.as_ref();
-    let spec = p.spec.as_ref();
-    let ts = |t: &Time| t.0.as_nanosecond();
-    PodFacts {
-        host: HostnameSpec {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
-            hostname: spec.and_then(|s| s.hostname.clone()).filter(|h| !h.is_empty()),
-            subdomain: spec.and_then(|s| s.subdomain.clone()).filter(|h| !h.is_empty()),
-            set_hostname_as_fqdn: spec.and_then(|s| s.set_hostname_as_fqdn).unwrap_or(false),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        },
-        uid: p.uid().unwrap_or_default(),
-        created: p.metadata.creation_timestamp.as_ref().map_or(0, ts),
-        phase: status.and_then(|s| s.phase.clone()),
-        terminating: p.metadata.deletion_timestamp.is_some(),
-        containers: status
-            .and_then(|s| s.container_statuses.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| ContainerFacts {
-                running_since: c.state.and_then(|s| s.running).and_then(|r| r.started_at).map(|t| ts(&t)),
-                restart_count: c.restart_count,
-                name: c.name,
-            })
-            .collect(),
-        holder_container: p.annotations().get(HOLDER_CONTAINER_ANNOTATION).cloned(),
     }
 }
 
@@ -244,30 +202,34 @@ fn policy(source: &LockSource) -> HolderPolicy {
 
 /// Run the controller until `shutdown`.
 pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) {
-    let Deps { client, recorder, metrics, leader, tenancy } = deps;
+    let Deps { client, recorder, metrics, leader, tenancy, cluster, lock_triggers } = deps;
     readiness.add_gate("pods", "syncing the pod cache");
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let (sources, source_writer) = reflector::store::<LockSource>();
-    // One pod watch feeds both the cache the judge reads and the reconcile triggers: the
-    // reflector stores each event before passing it on, so a reconcile triggered by a pod event
-    // always sees that event in the cache. (Two separate watches would race: a reconcile could
-    // see the pod still alive in a cache that has not caught up, and nothing would re-trigger.)
-    let pod_events = reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let source_stream = reflector::reflector(source_writer, watcher(Api::<LockSource>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
+    // Pod changes come from the shared cache, which stores each change before announcing it, so
+    // a reconcile triggered by a pod event always sees that event in the cache. A subscriber
+    // that fell behind re-judges every lock instead.
+    let (lagged_tx, lagged_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let pod_events = futures::stream::unfold((cluster.pods.subscribe(), lagged_tx), |(mut rx, lagged)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(p) => return Some((Ok::<Pod, watcher::Error>((*p).clone()), (rx, lagged))),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    warn!(missed, "pod changes came faster than they were mapped; re-judging every lock");
+                    let _ = lagged.send(());
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let lagged = futures::stream::unfold(lagged_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder,
         metrics,
         leader: leader.clone(),
-        pods: pods.clone(),
-        sources,
-        pods_synced: AtomicBool::new(false),
+        pods: cluster.pods.clone(),
+        sources: cluster.sources.clone(),
+        writer: LockWriter::new(client.clone(), recorder, Writer::Expire),
         tenancy,
-        clients: std::sync::Mutex::default(),
+        aws: cluster.aws.clone(),
     });
     // Gaining leadership re-judges every lock (followers skip their reconciles).
     let gained = futures::stream::unfold(leader.changes(), |mut rx| async move {
@@ -279,21 +241,14 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
         }
     });
     {
-        let ctx = ctx.clone();
-        let pods = pods.clone();
-        let readiness = readiness.clone();
+        let (pods, readiness) = (cluster.pods.clone(), readiness.clone());
         tokio::spawn(async move {
-            if pods.wait_until_ready().await.is_ok() {
-                ctx.pods_synced.store(true, Ordering::SeqCst);
-                readiness.open("pods");
-            }
+            pods.wait_complete().await;
+            readiness.open("pods");
         });
     }
-    tokio::spawn(source_stream.for_each(|_| async {}));
-    let locks = Api::<StateLock>::all(client);
-    let controller = Controller::new(locks, watcher::Config::default());
-    let lock_store = controller.store();
-    controller
+    let lock_store = cluster.locks.clone();
+    Controller::for_stream(lock_triggers, cluster.locks.clone())
         .watches_stream(pod_events, move |pod: Pod| {
             // A pod event concerns the StateLocks whose holder it may be.
             let facts = pod_facts(&pod);
@@ -313,7 +268,7 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
                 .map(|l| ObjectRef::from_obj(&*l))
                 .collect::<Vec<_>>()
         })
-        .reconcile_all_on(gained)
+        .reconcile_all_on(futures::stream::select(gained, lagged))
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -325,8 +280,9 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
 }
 
 fn error_policy(_: Arc<StateLock>, e: &ExpiryError, _: Arc<Context>) -> Action {
-    warn!(error = %e, category = e.category(), "will retry");
-    Action::requeue(Duration::from_secs(5))
+    let category = e.category();
+    warn!(error = %e, category = category.as_str(), transient = category.is_transient(), "will retry");
+    Action::requeue(category.retry_after())
 }
 
 /// What the authorities say right now: the lock item from a strongly consistent read, and the
@@ -433,18 +389,10 @@ async fn reconcile(lock: Arc<StateLock>, ctx: Arc<Context>) -> Result<Action, Ex
     let controller = ControllerLabels { controller: ControllerName::expiry };
     ctx.metrics.controllers.reconcile_duration.get_or_create(&controller).observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        let labels = ErrorLabels { controller: ControllerName::expiry, category: e.category().to_owned() };
+        let labels = ErrorLabels { controller: ControllerName::expiry, category: e.category().as_str().to_owned() };
         ctx.metrics.controllers.reconcile_errors.get_or_create(&labels).inc();
     }
     result
-}
-
-/// Why a release did not happen (written to `status.release`, published once per reason).
-struct Blocked {
-    reason: std::borrow::Cow<'static, str>,
-    message: String,
-    /// Worth an event (a pending grace period is not).
-    event: bool,
 }
 
 async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Action, ExpiryError> {
@@ -475,13 +423,12 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         hint.info_sha256.as_deref(),
         hint.hostname.as_deref(),
     );
-    let synced = ctx.pods_synced.load(Ordering::SeqCst);
-    let pods: Vec<PodFacts> = if synced { ctx.pods.state().iter().map(|p| pod_facts(p)).collect() } else { Vec::new() };
-    let lookup = recorded.as_ref().map(|e| {
-        ctx.pods
-            .get(&ObjectRef::new(&e.name).within(&e.namespace))
-            .map_or(HolderLookup::NotFound, |p| HolderLookup::Found(Box::new(pod_facts(&p))))
-    });
+    let synced = ctx.pods.is_complete();
+    let pods: Vec<PodFacts> =
+        if synced { ctx.pods.in_namespaces(&pol.namespaces).iter().map(|p| pod_facts(p)).collect() } else { Vec::new() };
+    let lookup = recorded
+        .as_ref()
+        .map(|e| ctx.pods.get(&e.namespace, &e.name).map_or(HolderLookup::NotFound, |p| HolderLookup::Found(Box::new(pod_facts(&p)))));
     let view = if synced { PodView::Cache(&pods) } else { PodView::CacheNotSynced };
     let mut verdict = holder_liveness::judge(&Facts {
         lock: &hint,
@@ -493,8 +440,14 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
 
     // 2. The authorities, when a release may follow (a dead holder, or a manual unlock request).
     let unlock_request = lock.annotations().get(FORCE_UNLOCK_ANNOTATION).cloned();
+    // A pod cache still listing (start-up, a new namespace) decides nothing; a lock that already
+    // has a holder status keeps it rather than flapping to Unknown and back (on a restart, that
+    // would be two writes per StateLock for nothing).
+    if verdict.reason == Reason::CacheNotSynced && previous.holder.is_some() && unlock_request.is_none() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let mut authority = None;
-    let mut blocked: Option<Blocked> = None;
+    let mut not_confirmed: Option<String> = None;
     // A holder is recorded only from the authorities: a new one found in the caches is confirmed
     // first (once per lock instance), so that a lagging cache or an edited spec never records a
     // pod whose later death would count.
@@ -521,56 +474,39 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             }
         }
         if hint_verdict.is_dead() && !verdict.is_dead() {
-            blocked = Some(Blocked {
-                reason: "NotConfirmed".into(),
-                message: format!("the caches suggested {} but the authorities say: {}", hint_verdict.message, verdict.message),
-                event: true,
-            });
+            not_confirmed = Some(format!("the caches suggested {} but the authorities say: {}", hint_verdict.message, verdict.message));
         }
     }
 
-    // Evidence is held from when it was first seen, for this lock instance; a new kind of evidence,
-    // or another instance (the lock re-taken), starts anew.
+    // 3. The decision (pure), its steps, and what their outcome means.
     let instance = authority.as_ref().and_then(|(r, _)| r.info_sha256.clone()).or_else(|| hint.info_sha256.clone());
-    let observed_at = match (verdict.is_dead(), previous.holder.as_ref().and_then(|h| h.evidence.as_ref())) {
-        (true, Some(prev)) if prev.reason == verdict.reason.as_str() && prev.info_sha256.is_some() && prev.info_sha256 == instance => {
-            Some(prev.observed_at.0)
-        }
-        (true, _) => Some(now),
-        (false, _) => None,
+    let live_override = lock.annotations().get(FORCE_UNLOCK_LIVE_ANNOTATION).cloned();
+    let grace_text = source.spec.expiry.grace_period.to_string();
+    let input = decision::Input {
+        verdict: &verdict,
+        authority_id: authority.as_ref().map(|(r, _)| r.info.id.as_deref()),
+        not_confirmed,
+        previous: &previous,
+        instance: instance.as_deref(),
+        unlock: unlock_request.as_deref().map(|requested| UnlockRequest { requested, live_override: live_override.as_deref() }),
+        mode: source.spec.expiry.mode,
+        grace: source.spec.expiry.grace_period.get(),
+        grace_text: &grace_text,
+        now,
     };
-    let mut phase = if verdict.is_dead() { LockPhase::HolderDead } else { LockPhase::Held };
-    if verdict.is_dead() && previous.holder.as_ref().is_none_or(|h| h.state != HolderState::Dead) {
+    let decided = decision::decide(&input);
+    if decided.announce_death {
         publish(&ctx, &lock, reasons::HOLDER_DIED, &verdict.message, verdict.pod.as_ref()).await;
     }
-    // Pod events drive most reconciles; these are safety nets. An undecided verdict is looked at
-    // again soon.
-    let mut action = match (verdict.state, verdict.reason) {
-        (_, Reason::CacheNotSynced) => Action::requeue(Duration::from_secs(1)),
-        (HolderState::Unknown, _) => Action::requeue(Duration::from_secs(5)),
-        _ => Action::requeue(Duration::from_secs(300)),
-    };
-
-    if let Some(requested) = unlock_request {
-        let live = lock.annotations().get(FORCE_UNLOCK_LIVE_ANNOTATION).map(String::as_str);
-        match &authority {
-            None => {
-                blocked = Some(Blocked {
-                    reason: "UnlockNotDecided".into(),
-                    message: format!("force-unlock {requested}: {}", verdict.message),
-                    event: false,
-                });
-                publish(
-                    &ctx,
-                    &lock,
-                    reasons::UNLOCK_REFUSED,
-                    &format!("force-unlock {requested} was not carried out: {}", verdict.message),
-                    None,
-                )
-                .await;
+    let mut unlock_released = false;
+    if let (Some(step), Some(requested)) = (&decided.unlock, unlock_request.as_deref()) {
+        match step {
+            UnlockStep::NotDecided => {
+                let note = format!("force-unlock {requested} was not carried out: {}", verdict.message);
+                publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &note, None).await;
             }
-            Some((record, raw_info)) => match manual_unlock::decide(&requested, record.info.id.as_deref(), verdict.state, live) {
-                UnlockDecision::Release => {
+            UnlockStep::Release => {
+                if let Some((_, raw_info)) = &authority {
                     let report = ReleaseReport {
                         metric_reason: "ForceUnlock".into(),
                         event_reason: reasons::FORCE_UNLOCKED,
@@ -578,128 +514,52 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                         pod: None,
                         skipped_note: "the lock item changed since it was read; nothing was released",
                     };
-                    if release_and_report(&ctx, &source, &lock, raw_info, report).await? {
-                        phase = LockPhase::Released;
-                    }
+                    unlock_released = release_and_report(&ctx, &source, &lock, raw_info, report).await?;
                 }
-                UnlockDecision::WrongId { requested, actual } => {
-                    publish(
-                        &ctx,
-                        &lock,
-                        reasons::UNLOCK_ID_MISMATCH,
-                        &format!(
-                            "force-unlock names lock ID {requested} but the lock item's ID is {}; nothing was released",
-                            actual.as_deref().unwrap_or("unknown")
-                        ),
-                        None,
-                    )
-                    .await;
-                }
-                UnlockDecision::RefusedLiveHolder => {
-                    let message = format!(
-                        "the holder is {:?} ({}); only a Dead or External holder is released on request, set {FORCE_UNLOCK_LIVE_ANNOTATION}=\"true\" as well to release it anyway",
-                        verdict.state, verdict.message
-                    );
-                    publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &message, verdict.pod.as_ref()).await;
-                    blocked = Some(Blocked { reason: "UnlockRefused".into(), message, event: false });
-                }
-            },
+            }
+            UnlockStep::WrongId { requested, actual } => {
+                let note = format!(
+                    "force-unlock names lock ID {requested} but the lock item's ID is {}; nothing was released",
+                    actual.as_deref().unwrap_or("unknown")
+                );
+                publish(&ctx, &lock, reasons::UNLOCK_ID_MISMATCH, &note, None).await;
+            }
+            UnlockStep::RefusedLiveHolder => {
+                publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &decision::refused_message(&verdict), verdict.pod.as_ref()).await;
+            }
         }
         consume_unlock_request(&ctx, &lock).await?;
     }
-
-    if let (true, Some(seen), false) = (verdict.is_dead(), observed_at, phase == LockPhase::Released) {
-        match release_timing(seen, source.spec.expiry.grace_period.get(), now) {
-            ReleaseTiming::Wait(d) => {
-                action = Action::requeue(d);
-                blocked = Some(Blocked {
-                    reason: "GracePeriod".into(),
-                    message: format!("evidence must hold for {} before the release", source.spec.expiry.grace_period),
-                    event: false,
-                });
-            }
-            ReleaseTiming::Never => {
-                blocked = Some(Blocked {
-                    reason: "GracePeriodOverflow".into(),
-                    message: "the grace period cannot be added to the evidence time; nothing is released".into(),
-                    event: true,
-                });
-            }
-            ReleaseTiming::Due if source.spec.expiry.mode == ExpiryMode::Observe => {
-                blocked = Some(Blocked {
-                    reason: "ObserveMode".into(),
-                    message: "the holder is dead; the LockSource's expiry mode is Observe, so statelock only reports".into(),
-                    event: false,
-                });
-            }
-            ReleaseTiming::Due => {
-                if let Some((record, raw_info)) = &authority {
-                    let report = ReleaseReport {
-                        metric_reason: verdict.reason.as_str().to_owned(),
-                        event_reason: reasons::LOCK_EXPIRED,
-                        note: format!(
-                            "released lock {} ({}) held by {}: {}",
-                            record.info.id.as_deref().unwrap_or("?"),
-                            record.lock_id,
-                            record.info.who.as_deref().unwrap_or("?"),
-                            verdict.message
-                        ),
-                        pod: verdict.pod.as_ref(),
-                        skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
-                    };
-                    if release_and_report(&ctx, &source, &lock, raw_info, report).await? {
-                        phase = LockPhase::Released;
-                    } else {
-                        blocked = Some(Blocked {
-                            reason: "LockChanged".into(),
-                            message: "the lock item changed between the judgement and the delete; nothing was released".into(),
-                            event: false,
-                        });
-                    }
-                    action = Action::requeue(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-    if phase == LockPhase::Released {
-        blocked = None;
-    } else if blocked.is_none()
-        && let Some(prev) = previous.release.as_ref().filter(|r| r.reason.starts_with("Unlock"))
-        && previous.holder.as_ref().is_some_and(|h| h.state == verdict.state)
+    let mut expired = None;
+    if decided.expiry == ExpiryStep::Release
+        && !unlock_released
+        && let Some((record, raw_info)) = &authority
     {
-        // A refused unlock request is consumed; its reason stays in status while nothing changed.
-        blocked = Some(Blocked { reason: prev.reason.clone().into(), message: prev.message.clone(), event: false });
+        let report = ReleaseReport {
+            metric_reason: verdict.reason.as_str().to_owned(),
+            event_reason: reasons::LOCK_EXPIRED,
+            note: format!(
+                "released lock {} ({}) held by {}: {}",
+                record.info.id.as_deref().unwrap_or("?"),
+                record.lock_id,
+                record.info.who.as_deref().unwrap_or("?"),
+                verdict.message
+            ),
+            pod: verdict.pod.as_ref(),
+            skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
+        };
+        expired = Some(release_and_report(&ctx, &source, &lock, raw_info, report).await?);
     }
-    report_blocked(&ctx, &lock, &previous, blocked.as_ref(), verdict.pod.as_ref()).await;
-    let evidence = observed_at.filter(|_| verdict.is_dead()).map(|at| DeathEvidence {
+    let outcome = decision::settle(&input, &decided, unlock_released, expired);
+    report_blocked(&ctx, &lock, &previous, outcome.blocked.as_ref(), verdict.pod.as_ref()).await;
+    let evidence = decided.evidence_since.map(|at| DeathEvidence {
         reason: verdict.reason.as_str().into(),
         message: verdict.message.clone(),
         observed_at: Time(at),
         info_sha256: instance.clone(),
     });
-    write_status(&ctx, &lock, &previous, &verdict, from_authority, evidence, phase, blocked.as_ref(), now).await?;
-    Ok(action)
-}
-
-/// When a release is due, from when the evidence was first seen (pure).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReleaseTiming {
-    Due,
-    Wait(Duration),
-    /// The deadline cannot be computed: fail closed.
-    Never,
-}
-
-pub fn release_timing(evidence_seen: Timestamp, grace: Duration, now: Timestamp) -> ReleaseTiming {
-    let Ok(span) = k8s_openapi::jiff::SignedDuration::try_from(grace) else { return ReleaseTiming::Never };
-    let Ok(due) = evidence_seen.checked_add(span) else { return ReleaseTiming::Never };
-    if now >= due {
-        return ReleaseTiming::Due;
-    }
-    match u64::try_from(due.as_nanosecond() - now.as_nanosecond()) {
-        Ok(ns) => ReleaseTiming::Wait(Duration::from_nanos(ns).max(Duration::from_millis(50))),
-        Err(_) => ReleaseTiming::Never,
-    }
+    write_status(&ctx, &lock, &previous, &verdict, from_authority, evidence, outcome.phase, outcome.blocked.as_ref(), now).await?;
+    Ok(Action::requeue(outcome.requeue))
 }
 
 /// Publish a ReleaseBlocked event the first time a reason appears.
@@ -714,12 +574,10 @@ async fn report_blocked(ctx: &Context, lock: &StateLock, previous: &StateLockSta
 
 /// Remove the force-unlock annotations: a request is handled once.
 async fn consume_unlock_request(ctx: &Context, lock: &StateLock) -> Result<(), ExpiryError> {
-    let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
-    let patch = json!({"metadata": {"annotations": {FORCE_UNLOCK_ANNOTATION: null, FORCE_UNLOCK_LIVE_ANNOTATION: null}}});
-    api.patch(&lock.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+    ctx.writer
+        .remove_annotations(lock, &[FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION])
         .await
-        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
-    Ok(())
+        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })
 }
 
 /// How a release is reported, for a force-unlock or an expiry.
@@ -760,23 +618,9 @@ async fn release_and_report(
 }
 
 async fn publish(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>) {
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(dynamo::lock_item::truncate(note, 1024).to_owned()),
-        action: "Expire".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &lock.object_ref(&())).await {
-        warn!(error = %e, reason, "failed to publish event");
-    }
     // Also on the holder pod, while it exists.
-    if let Some(p) = pod
-        && let Some(pod) = ctx.pods.get(&ObjectRef::new(&p.name).within(&p.namespace))
-        && let Err(e) = ctx.recorder.publish(&event, &pod.object_ref(&())).await
-    {
-        warn!(error = %e, reason, "failed to publish event on the holder pod");
-    }
+    let on_pod = pod.and_then(|p| ctx.pods.get(&p.namespace, &p.name)).map(|p| p.object_ref(&()));
+    ctx.writer.publish(lock, reason, true, note, on_pod).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -842,44 +686,11 @@ async fn write_status(
     {
         return Ok(());
     }
-    let body = json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": lock.name_any()},
-        "status": {"observedGeneration": lock.metadata.generation, "phase": phase, "holder": holder, "release": release},
-    });
-    let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &lock.namespace().unwrap_or_default());
+    let status = json!({"observedGeneration": lock.metadata.generation, "phase": phase, "holder": holder, "release": release});
     ctx.ensure_leader()?;
-    api.patch_status(&lock.name_any(), &PatchParams::apply(reasons::CONTROLLER_MANAGER).force(), &Patch::Apply(&body))
+    ctx.writer
+        .apply_status(&lock.namespace().unwrap_or_default(), &lock.name_any(), reasons::CONTROLLER_MANAGER, status)
         .await
         .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn release_timing_is_due_after_the_grace_period_and_fails_closed_on_overflow() {
-        let t0: Timestamp = "2026-11-30T00:00:00Z".parse().expect("time");
-        let at = |secs: i64| t0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs)).expect("time");
-        let s = Duration::from_secs;
-        let cases = [
-            ("no grace", s(0), at(0), ReleaseTiming::Due),
-            ("grace over", s(15), at(15), ReleaseTiming::Due),
-            ("grace running", s(15), at(5), ReleaseTiming::Wait(s(10))),
-            (
-                "a moment left waits at least 50 ms",
-                s(15),
-                at(15) - k8s_openapi::jiff::SignedDuration::from_millis(1),
-                ReleaseTiming::Wait(Duration::from_millis(50)),
-            ),
-            ("evidence seen on a clock ahead of ours: wait, never release early", s(0), at(-30), ReleaseTiming::Wait(s(30))),
-            ("a grace that overflows a timestamp", Duration::MAX, at(0), ReleaseTiming::Never),
-            ("a grace of centuries waits", s(400 * 365 * 24 * 3600), at(0), ReleaseTiming::Wait(s(400 * 365 * 24 * 3600))),
-            ("a grace past the calendar's end", s(9000 * 365 * 24 * 3600), at(0), ReleaseTiming::Never),
-        ];
-        for (what, grace, now, want) in cases {
-            assert_eq!(release_timing(t0, grace, now), want, "{what}");
-        }
-    }
 }

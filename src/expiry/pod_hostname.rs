@@ -39,7 +39,7 @@ impl HostnameSpec {
             return Some(base.to_owned());
         }
         // Names are ASCII (DNS-1123), but never slice inside a character of a hostile one.
-        let cut = crate::dynamo::lock_item::truncate(base, MAX_HOSTNAME);
+        let cut = crate::lock_record::truncate(base, MAX_HOSTNAME);
         let trimmed = cut.trim_end_matches(['-', '.']);
         (!trimmed.is_empty()).then(|| trimmed.to_owned())
     }

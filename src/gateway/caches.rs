@@ -1,176 +1,128 @@
-//! The gateway's view of the cluster: pods (with an index by pod IP, so identifying a caller does
-//! not scan every pod) and LockSources.
+//! The gateway's view of the cluster: the operator's shared pod cache (indexed by address, so
+//! identifying a caller does not scan every pod) and LockSources.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client, ResourceExt,
-    runtime::{
-        WatchStreamExt, reflector,
-        reflector::{ObjectRef, Store},
-        watcher,
-    },
-};
+use kube::{Api, Client, ResourceExt, api::ListParams, runtime::reflector::Store};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    cluster::{
+        Cluster,
+        pods::{PodCache, pod_facts},
+    },
     crd::LockSource,
-    expiry::{controller::pod_facts, holder_liveness::HolderNamespaces},
+    expiry::holder_liveness::HolderNamespaces,
 };
 
-/// Pods by the IPs in `status.podIPs` (and `status.podIP`).
-#[derive(Debug, Default)]
-pub struct PodIpIndex {
-    inner: RwLock<IndexState>,
-}
-
-#[derive(Debug, Default)]
-struct IndexState {
-    live: Maps,
-    /// A re-list in progress: the index it builds replaces `live` once complete.
-    building: Option<Maps>,
-}
-
-#[derive(Debug, Default)]
-struct Maps {
-    by_ip: HashMap<IpAddr, HashSet<ObjectRef<Pod>>>,
-    ips_of: HashMap<ObjectRef<Pod>, Vec<IpAddr>>,
-}
-
-impl Maps {
-    fn remove(&mut self, key: &ObjectRef<Pod>) {
-        for ip in self.ips_of.remove(key).unwrap_or_default() {
-            if let Some(set) = self.by_ip.get_mut(&ip) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_ip.remove(&ip);
-                }
-            }
-        }
-    }
-
-    fn apply(&mut self, pod: &Pod) {
-        let key = ObjectRef::from_obj(pod);
-        self.remove(&key);
-        let ips = pod_ips(pod);
-        for ip in &ips {
-            self.by_ip.entry(*ip).or_default().insert(key.clone());
-        }
-        if !ips.is_empty() {
-            self.ips_of.insert(key, ips);
-        }
-    }
-}
-
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = pod.status.as_ref() else { return Vec::new() };
-    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
-    if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
-        && !ips.contains(&ip)
-    {
-        ips.push(ip);
-    }
-    ips
-}
-
-impl PodIpIndex {
-    /// Apply one watch event.
-    pub fn observe(&self, event: &watcher::Event<Pod>) {
-        let mut state = self.inner.write().unwrap_or_else(PoisonError::into_inner);
-        match event {
-            watcher::Event::Apply(p) => state.live.apply(p),
-            watcher::Event::Delete(p) => state.live.remove(&ObjectRef::from_obj(p)),
-            watcher::Event::Init => state.building = Some(Maps::default()),
-            watcher::Event::InitApply(p) => state.building.get_or_insert_with(Maps::default).apply(p),
-            watcher::Event::InitDone => {
-                if let Some(fresh) = state.building.take() {
-                    state.live = fresh;
-                }
-            }
-        }
-    }
-
-    /// The pods that have `ip`.
-    pub fn lookup(&self, ip: IpAddr) -> Vec<ObjectRef<Pod>> {
-        let state = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        state.live.by_ip.get(&ip).map(|s| s.iter().cloned().collect()).unwrap_or_default()
-    }
-}
-
-/// The pod and LockSource caches the gateway reads.
+/// The pod and LockSource caches the gateway reads (the operator's shared ones).
 #[derive(Clone)]
 pub struct Caches {
-    pub pods: Store<Pod>,
-    pub pod_ips: Arc<PodIpIndex>,
+    pub pods: Arc<PodCache>,
     pub sources: Store<LockSource>,
-    synced: tokio::sync::watch::Receiver<bool>,
+    cluster: Arc<Cluster>,
+    /// Callers confirmed by a direct read: (address, pod UID) and when.
+    confirmed: Arc<Mutex<HashMap<(IpAddr, String), Instant>>>,
 }
 
+/// How long a direct confirmation of a caller's address is trusted.
+const CONFIRMED_FOR: Duration = Duration::from_secs(5);
+
 impl Caches {
-    /// Start the watches (they stop with the runtime).
-    pub fn start(client: &Client) -> Self {
-        let (pods, pod_writer) = reflector::store();
-        let (sources, source_writer) = reflector::store();
-        let pod_ips = Arc::new(PodIpIndex::default());
-        let index = pod_ips.clone();
-        let pod_stream =
-            reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())).default_backoff();
-        tokio::spawn(pod_stream.for_each(move |ev| {
-            if let Ok(ev) = ev {
-                index.observe(&ev);
-            }
-            async {}
-        }));
-        let source_stream =
-            reflector::reflector(source_writer, watcher(Api::<LockSource>::all(client.clone()), watcher::Config::default()))
-                .default_backoff();
-        tokio::spawn(source_stream.for_each(|_| async {}));
-        // `Store::wait_until_ready` wakes only the most recent of several concurrent waiters, so
-        // one task waits and tells everyone else through a watch channel.
-        let (tx, synced) = tokio::sync::watch::channel(false);
-        let (p, s) = (pods.clone(), sources.clone());
-        tokio::spawn(async move {
-            if p.wait_until_ready().await.is_ok() && s.wait_until_ready().await.is_ok() {
-                let _ = tx.send(true);
-            }
-        });
-        Self { pods, pod_ips, sources, synced }
+    pub fn new(cluster: &Arc<Cluster>) -> Self {
+        Self { pods: cluster.pods.clone(), sources: cluster.sources.clone(), cluster: cluster.clone(), confirmed: Arc::default() }
     }
 
-    /// Wait until both caches hold a complete list.
+    /// Caches of its own, serving every LockSource (for tests and benchmarks); the watches stop
+    /// with the runtime.
+    pub fn start(client: &Client) -> Self {
+        let (cluster, _no_statelock_watch) = Cluster::start(client, |_| true, &CancellationToken::new());
+        Self::new(&cluster)
+    }
+
+    /// The shared SDK clients, one set per LockSource.
+    pub fn aws(&self) -> &Arc<crate::cluster::aws::SourceClients> {
+        &self.cluster.aws
+    }
+
+    /// Wait until the LockSources are listed and the pod cache is complete.
     pub async fn synced(&self) {
-        let _ = self.synced.clone().wait_for(|done| *done).await;
+        self.cluster.sources_listed().await;
+        self.pods.wait_complete().await;
     }
 
     /// The caller, by its source address: a pod only when exactly one running, non-terminating
-    /// pod has the address. Completed pods keep their address in the API and CNIs reuse
-    /// addresses, and host-network pods share their node's: such an address identifies nobody.
+    /// pod has the address and it is not a host-network pod (whose address is its node's, shared
+    /// with every host-network process there, pod or not). Completed pods keep their address in
+    /// the API and CNIs reuse addresses: such an address identifies nobody. "Not a pod" only
+    /// when the cache is complete and holds every namespace's pods.
     pub fn caller(&self, ip: IpAddr) -> Caller {
-        let pods: Vec<Arc<Pod>> = self.pod_ips.lookup(ip).into_iter().filter_map(|r| self.pods.get(&r)).collect();
+        let pods = self.pods.with_ip(ip);
+        if pods.iter().any(|p| p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)) {
+            return Caller::Unidentified { pods: pods.len() };
+        }
         let live: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_running(p)).collect();
         match live.as_slice() {
             [one] => Caller::Pod((*one).clone()),
-            // No pod has ever had this address in the cache's view.
-            [] if pods.is_empty() => Caller::NotAPod,
-            // Pods have it but none is running (a completed pod's address, reused or not): nobody
-            // in particular, and not a non-pod either.
+            // No pod has this address in a view of every pod.
+            [] if pods.is_empty() && self.pods.is_complete() && self.pods.covers_all() => Caller::NotAPod,
+            // Pods have it but none is running (a completed pod's address, reused or not), or
+            // the view is partial: nobody in particular, and not a non-pod either.
             _ => Caller::Unidentified { pods: pods.len() },
+        }
+    }
+
+    /// The caller, confirmed. With a cache scoped to some namespaces, pods elsewhere are
+    /// invisible, and one of them may have the address now (handed on while a dead node's pod
+    /// still shows Running): a caller the cache names is confirmed by a direct LIST of every
+    /// namespace's pods with that address, and is that pod only if it is the one running,
+    /// non-host-network pod there. A confirmation is trusted for a few seconds; a failed read
+    /// identifies nobody.
+    pub async fn confirmed_caller(&self, client: &Client, ip: IpAddr) -> Caller {
+        let caller = self.caller(ip);
+        let Caller::Pod(pod) = &caller else { return caller };
+        if self.pods.covers_all() {
+            return caller;
+        }
+        let key = (ip, pod.uid().unwrap_or_default());
+        {
+            let mut confirmed = self.confirmed.lock().unwrap_or_else(PoisonError::into_inner);
+            confirmed.retain(|_, at| at.elapsed() < CONFIRMED_FOR);
+            if confirmed.contains_key(&key) {
+                return caller;
+            }
+        }
+        let lp = ListParams::default().fields(&format!("status.podIP={ip}"));
+        match Api::<Pod>::all(client.clone()).list(&lp).await {
+            Ok(list) => {
+                let running: Vec<&Pod> =
+                    list.items.iter().filter(|p| is_running(p) && !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)).collect();
+                match running.as_slice() {
+                    [one] if one.uid() == pod.uid() => {
+                        self.confirmed.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Instant::now());
+                        caller
+                    }
+                    others => Caller::Unidentified { pods: others.len() },
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%ip, error = %e, "could not confirm the gateway caller's address; it identifies nobody");
+                Caller::Unidentified { pods: 0 }
+            }
         }
     }
 
     /// The pod a `Who` host part names (by the kubelet's hostname rules), among `namespaces`, when
     /// exactly one running pod does.
     pub fn pod_by_hostname(&self, host: &str, namespaces: &HolderNamespaces) -> Option<Arc<Pod>> {
-        let mut found = self
-            .pods
-            .state()
-            .into_iter()
-            .filter(|p| namespaces.allows(&p.namespace().unwrap_or_default()) && is_running(p) && pod_facts(p).host.yields(host));
+        let pods = self.pods.in_namespaces(namespaces);
+        let mut found = pods.into_iter().filter(|p| is_running(p) && pod_facts(p).host.yields(host));
         let first = found.next()?;
         found.next().is_none().then_some(first)
     }
@@ -199,49 +151,5 @@ impl Caller {
             Self::Pod(p) => Some(p),
             _ => None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn pod(ns: &str, name: &str, ips: &[&str]) -> Pod {
-        let ips: Vec<_> = ips.iter().map(|ip| json!({"ip": ip})).collect();
-        serde_json::from_value(
-            json!({"metadata": {"name": name, "namespace": ns}, "status": {"podIP": ips.first().map(|v| v["ip"].clone()), "podIPs": ips}}),
-        )
-        .expect("pod")
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
-    }
-
-    #[test]
-    fn index_follows_applies_deletes_ip_changes_and_relists() {
-        let idx = PodIpIndex::default();
-        idx.observe(&watcher::Event::Apply(pod("a", "p1", &["10.0.0.1", "fd00::1"])));
-        idx.observe(&watcher::Event::Apply(pod("a", "p2", &["10.0.0.2"])));
-        assert_eq!(idx.lookup(ip("10.0.0.1")), vec![ObjectRef::new("p1").within("a")]);
-        assert_eq!(idx.lookup(ip("fd00::1")), vec![ObjectRef::new("p1").within("a")]);
-        // p1's address changes: the old one no longer names it.
-        idx.observe(&watcher::Event::Apply(pod("a", "p1", &["10.0.0.3"])));
-        assert!(idx.lookup(ip("10.0.0.1")).is_empty());
-        assert!(idx.lookup(ip("fd00::1")).is_empty());
-        // Two pods sharing an address (host network) are both listed.
-        idx.observe(&watcher::Event::Apply(pod("b", "host", &["10.0.0.2"])));
-        assert_eq!(idx.lookup(ip("10.0.0.2")).len(), 2);
-        idx.observe(&watcher::Event::Delete(pod("a", "p2", &["10.0.0.2"])));
-        assert_eq!(idx.lookup(ip("10.0.0.2")), vec![ObjectRef::new("host").within("b")]);
-        // A re-list replaces the index only when complete; until then the old one answers.
-        idx.observe(&watcher::Event::Init);
-        idx.observe(&watcher::Event::InitApply(pod("c", "new", &["10.0.0.9"])));
-        assert_eq!(idx.lookup(ip("10.0.0.3")).len(), 1);
-        assert!(idx.lookup(ip("10.0.0.9")).is_empty());
-        idx.observe(&watcher::Event::InitDone);
-        assert!(idx.lookup(ip("10.0.0.3")).is_empty());
-        assert_eq!(idx.lookup(ip("10.0.0.9")), vec![ObjectRef::new("new").within("c")]);
     }
 }

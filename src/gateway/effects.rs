@@ -21,11 +21,7 @@ use std::{
 };
 
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
-use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
-    runtime::events::{Event, EventType, Recorder},
-};
+use kube::{Api, Client, Resource, ResourceExt, runtime::events::Recorder};
 use serde_json::{Value, json};
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -33,10 +29,10 @@ use tracing::{debug, warn};
 
 use super::caches::Caches;
 use crate::{
+    cluster::writer::{LockWriter, Writer},
     crd::{LockSource, StateLock, state_lock_name},
-    dynamo::lock_item::{LockRecord, parse_created, split_who, truncate},
+    lock_record::{LockRecord, human, parse_created, spec_for, split_who},
     metrics::{GatewayMetrics, LockMetrics, Metrics, WaitLabels, WaitOutcome},
-    mirror::plan::{human, spec_for},
     reasons,
 };
 
@@ -115,7 +111,7 @@ struct Inner {
 /// The coalescing queue of StateLock updates and the waiter table.
 pub struct Effects {
     client: Client,
-    recorder: Recorder,
+    writer: LockWriter,
     caches: Caches,
     metrics: GatewayMetrics,
     locks: LockMetrics,
@@ -131,8 +127,8 @@ fn key_of(source: &LockSource, lock_id: &str) -> Key {
 impl Effects {
     pub fn new(client: Client, recorder: Recorder, caches: Caches, metrics: &Metrics, config: EffectsConfig) -> Arc<Self> {
         Arc::new(Self {
+            writer: LockWriter::new(client.clone(), recorder, Writer::Gateway),
             client,
-            recorder,
             caches,
             metrics: metrics.gateway.clone(),
             locks: metrics.locks.clone(),
@@ -368,38 +364,27 @@ impl Effects {
         let name = state_lock_name(&key.lock_id);
         debug!(lock_id = %key.lock_id, grants = p.grants, releases = p.releases, waiters = waiters.len(), "applying gateway effects");
         let lock = match &p.change {
-            Some(Change::Held { record, pod }) => Some(self.record_holder(&api, &name, &p.source, record, pod.as_deref(), p.grants).await?),
+            Some(Change::Held { record, pod }) => Some(self.record_holder(&name, &p.source, record, pod.as_deref(), p.grants).await?),
             _ => api.get_opt(&name).await?.filter(|l| l.spec.lock_id == key.lock_id),
         };
         if p.waiters_changed || !p.contended.is_empty() {
-            self.record_waiters(&api, &name, &p, lock.as_ref(), waiters).await?;
+            self.record_waiters(&name, &p, lock.as_ref(), waiters).await?;
         }
         if let (Some(Change::Released), Some(lock)) = (&p.change, &lock) {
-            self.remove_lock(&api, lock, p.releases).await?;
+            self.remove_lock(lock, p.releases).await?;
         }
         Ok(())
     }
 
     async fn record_holder(
         &self,
-        api: &Api<StateLock>,
         name: &str,
         source: &LockSource,
         record: &LockRecord,
         pod: Option<&Pod>,
         grants: u32,
     ) -> Result<StateLock, kube::Error> {
-        let owner = source.controller_owner_ref(&()).map(|mut o| {
-            o.controller = Some(false);
-            o.block_owner_deletion = Some(false);
-            o
-        });
-        let body = json!({
-            "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock",
-            "metadata": {"name": name, "labels": {reasons::SOURCE_LABEL: source.name_any()}, "ownerReferences": owner.iter().collect::<Vec<_>>()},
-            "spec": spec_for(&source.name_any(), record),
-        });
-        let mut obj = api.patch(name, &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body)).await?;
+        let mut obj = self.writer.apply_spec(source, name, &spec_for(&source.name_any(), record)).await?;
         // The caller was identified from the pod cache, which may lag (a deleted pod's address
         // given to its successor): record it only if a direct read shows the same pod, running.
         let confirmed = match pod {
@@ -421,8 +406,8 @@ impl Effects {
         }
         if let (Some(p), Some(lock_id)) = (confirmed, record.info.id.as_deref()) {
             let holder = json!({"namespace": p.namespace(), "pod": p.name_any(), "uid": p.uid(), "lockId": lock_id, "source": source.name_any(), "infoSha256": record.info_sha256, "seenAt": Timestamp::now().to_string()});
-            let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"gatewayHolder": holder}});
-            obj = api.patch_status(name, &PatchParams::apply(reasons::GATEWAY_MANAGER).force(), &Patch::Apply(&status)).await?;
+            let ns = source.namespace().unwrap_or_default();
+            obj = self.writer.apply_status(&ns, name, reasons::GATEWAY_MANAGER, json!({"gatewayHolder": holder})).await?;
         }
         let who = record.info.who.as_deref().unwrap_or("unknown");
         let earlier = match grants {
@@ -440,7 +425,6 @@ impl Effects {
 
     async fn record_waiters(
         &self,
-        api: &Api<StateLock>,
         name: &str,
         p: &Pending,
         lock: Option<&StateLock>,
@@ -476,8 +460,8 @@ impl Effects {
                 v
             })
             .collect();
-        let status = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": {"contention": {"waiterCount": listed.len(), "waiters": listed}}});
-        api.patch_status(name, &PatchParams::apply(reasons::GATEWAY_WAITERS_MANAGER).force(), &Patch::Apply(&status)).await?;
+        let status = json!({"contention": {"waiterCount": listed.len(), "waiters": listed}});
+        self.writer.apply_status(&p.source.namespace().unwrap_or_default(), name, reasons::GATEWAY_WAITERS_MANAGER, status).await?;
         let info = &lock.spec.lock_info;
         let holder_pod = lock
             .status
@@ -513,7 +497,7 @@ impl Effects {
         self.caches.pod_by_hostname(host, &source.spec.holders.resolved_namespaces(&source.namespace().unwrap_or_default()))
     }
 
-    async fn remove_lock(&self, api: &Api<StateLock>, lock: &StateLock, releases: u32) -> Result<(), kube::Error> {
+    async fn remove_lock(&self, lock: &StateLock, releases: u32) -> Result<(), kube::Error> {
         let held = lock
             .spec
             .lock_info
@@ -534,31 +518,17 @@ impl Effects {
             held.map(human).unwrap_or_else(|| "an unknown time".into())
         );
         self.publish(lock, reasons::LOCK_RELEASED, false, &note, None).await;
-        let dp = DeleteParams { preconditions: Some(Preconditions { uid: lock.uid(), resource_version: None }), ..DeleteParams::default() };
-        match api.delete(&lock.name_any(), &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-            Err(e) => Err(e),
+        match lock.uid() {
+            Some(uid) => self.writer.delete(&lock.namespace().unwrap_or_default(), &lock.name_any(), &uid).await,
+            None => Ok(()),
         }
     }
 
     async fn publish(&self, lock: &StateLock, reason: &str, warning: bool, note: &str, pod: Option<&Pod>) {
-        self.publish_on(&lock.object_ref(&()), reason, warning, note).await;
-        if let Some(p) = pod {
-            self.publish_on(&p.object_ref(&()), reason, warning, note).await;
-        }
+        self.writer.publish(lock, reason, warning, note, pod.map(|p| p.object_ref(&()))).await;
     }
 
     async fn publish_on(&self, regarding: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, warning: bool, note: &str) {
-        let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.into(),
-            note: Some(truncate(note, 1024).to_owned()),
-            action: "Gateway".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, regarding).await {
-            warn!(error = %e, reason, "failed to publish event");
-        }
+        self.writer.publish_on(regarding, reason, warning, note).await;
     }
 }

@@ -641,7 +641,7 @@ mod tests {
     const SCAN: &str = "DynamoDB_20120810.Scan";
     const DESCRIBE: &str = "DynamoDB_20120810.DescribeTable";
 
-    // Bodies captured from Terraform 1.0.3 (sorted keys), 1.11.4 and 1.15.5 (terraform-locking.md §2, §3).
+    // Bodies captured from Terraform 1.0.3 (sorted keys), 1.11.4 and 1.15.5 (../shared/reference/terraform-locking.md §2, §3).
     const LOCK_PUT_103: &str = r#"{"ConditionExpression":"attribute_not_exists(LockID)","Item":{"Info":{"S":"{\"ID\":\"1edde332-0dcf-0332-cbb0-ed1b3daf868d\",\"Operation\":\"OperationTypeApply\",\"Info\":\"\",\"Who\":\"root@vm\",\"Version\":\"1.0.3\",\"Created\":\"2026-11-26T13:00:23.486227413Z\",\"Path\":\"tfstate/v103/terraform.tfstate\"}"},"LockID":{"S":"tfstate/v103/terraform.tfstate"}},"TableName":"tf-locks"}"#;
     const LOCK_PUT: &str = r#"{"ConditionExpression":"attribute_not_exists(LockID)","Item":{"LockID":{"S":"tfstate/demo/terraform.tfstate"},"Info":{"S":"{\"ID\":\"c240b743-f498-e9aa-802f-72066a836876\",\"Operation\":\"OperationTypeApply\",\"Info\":\"\",\"Who\":\"root@vm\",\"Version\":\"1.11.4\",\"Created\":\"2026-11-26T12:59:48.653763223Z\",\"Path\":\"tfstate/demo/terraform.tfstate\"}"}},"TableName":"tf-locks"}"#;
     const LOCK_PUT_115: &str = r#"{"ConditionExpression":"attribute_not_exists(LockID)","Item":{"LockID":{"S":"tfstate/v115/terraform.tfstate"},"Info":{"S":"{\"ID\":\"d74de581-5c53-4a14-60fd-af3ebd51f1f3\",\"Operation\":\"OperationTypeApply\",\"Info\":\"\",\"Who\":\"root@vm\",\"Version\":\"1.15.5\",\"Created\":\"2026-11-26T13:00:16.138619884Z\",\"Path\":\"tfstate/v115/terraform.tfstate\"}"}},"TableName":"tf-locks"}"#;

@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -47,12 +47,10 @@ use super::{
     protocol::{self, Condition, DynamoErrorBody, Item, Request},
 };
 use crate::{
+    cluster::pods::pod_facts,
     crd::LockSource,
-    dynamo::{
-        self,
-        lock_item::{TableItem, parse_item, split_who},
-    },
-    expiry::controller::pod_facts,
+    dynamo::lock_item::{TableItem, parse_item},
+    lock_record::split_who,
     metrics::{AttemptLabels, AttemptResult, Metrics, Operation, OperationLabels, RequestLabels},
     reasons,
     tenancy::TenancyPolicy,
@@ -75,11 +73,11 @@ pub struct Gateway {
     effects: Arc<Effects>,
     metrics: Arc<Metrics>,
     tenancy: Arc<TenancyPolicy>,
-    clients: Mutex<HashMap<String, (String, aws_sdk_dynamodb::Client)>>,
 }
 
 impl Gateway {
-    /// A gateway with its own pod and LockSource caches (started here).
+    /// A gateway with caches of its own (for tests and benchmarks; the operator shares its caches
+    /// through [`Self::with_caches`]).
     pub fn new(
         client: Client,
         recorder: Recorder,
@@ -89,8 +87,20 @@ impl Gateway {
         tenancy: Arc<TenancyPolicy>,
     ) -> Arc<Self> {
         let caches = Caches::start(&client);
+        Self::with_caches(client, caches, recorder, backend, metrics, config, tenancy)
+    }
+
+    pub fn with_caches(
+        client: Client,
+        caches: Caches,
+        recorder: Recorder,
+        backend: Backend,
+        metrics: Arc<Metrics>,
+        config: EffectsConfig,
+        tenancy: Arc<TenancyPolicy>,
+    ) -> Arc<Self> {
         let effects = Effects::new(client.clone(), recorder.clone(), caches.clone(), &metrics, config);
-        Arc::new(Self { client, recorder, caches, backend, effects, metrics, tenancy, clients: Mutex::new(HashMap::new()) })
+        Arc::new(Self { client, recorder, caches, backend, effects, metrics, tenancy })
     }
 
     /// Resolves once the pod and LockSource caches hold a complete list.
@@ -215,8 +225,9 @@ fn choose_source(
         [] => {
             let who = match (caller, &pod_ns) {
                 (_, Some(ns)) => format!("pods in namespace {ns}"),
+                (Caller::Unidentified { pods: 0 }, None) => format!("caller {ip} (no pod in the namespaces the LockSources name)"),
                 (Caller::Unidentified { pods }, None) => {
-                    format!("caller {ip} (an address {pods} running pods share, so no pod in particular)")
+                    format!("caller {ip} (an address {pods} pods share or a host-network pod's, so no pod in particular)")
                 }
                 _ => format!("caller {ip} (not a known pod)"),
             };
@@ -278,7 +289,7 @@ async fn process(gw: &Arc<Gateway>, target: &str, region: Option<&str>, body: &[
     if let Some(id) = req.lock_id() {
         tracing::Span::current().record("lock_id", id);
     }
-    let caller = gw.caches.caller(ip);
+    let caller = gw.caches.confirmed_caller(&gw.client, ip).await;
     // LockSources the operator refuses (tenancy) serve nobody, so they cannot take part in routing.
     let servable = |s: &LockSource| matches!(gw.backend, Backend::Memory(_)) || gw.tenancy.check(s).is_ok();
     let source = match choose_source(&gw.caches.sources, req.table(), region, &caller, ip, servable) {
@@ -314,7 +325,7 @@ fn holder_candidate(gw: &Arc<Gateway>, req: &Request, pod: Option<Arc<Pod>>) -> 
         "pod {}/{} took a lock whose Who ({}) names another host than the pod's hostname ({}); it is not recorded as the holder",
         facts.namespace(),
         facts.name(),
-        crate::dynamo::lock_item::truncate(who.as_deref().unwrap_or("none"), 256),
+        crate::lock_record::truncate(who.as_deref().unwrap_or("none"), 256),
         facts.host.short_hostname().unwrap_or_else(|| "the node's, host network".into())
     );
     warn!(%message, "gateway holder mismatch");
@@ -435,22 +446,14 @@ where
 }
 
 async fn client_for(gw: &Gateway, source: &LockSource) -> Result<aws_sdk_dynamodb::Client, DynamoErrorBody> {
-    // One client per LockSource, rebuilt when its spec changes (keyed by name, so that old
-    // versions are replaced, not accumulated).
-    let key = format!("{}/{}", source.namespace().unwrap_or_default(), source.name_any());
-    let version = source.metadata.generation.unwrap_or_default().to_string();
-    if let Some((v, c)) = gw.clients.lock().unwrap_or_else(PoisonError::into_inner).get(&key)
-        && *v == version
-    {
-        return Ok(c.clone());
-    }
-    let creds = dynamo::source_credentials::for_source(&gw.client, &gw.tenancy, source)
+    // The LockSource's shared clients: the one-attempt client of the same SDK configuration.
+    let sdk = gw
+        .caches
+        .aws()
+        .get(&gw.client, &gw.tenancy, source)
         .await
         .map_err(|e| DynamoErrorBody::access_denied(format!("the statelock gateway does not serve this table: {e}")))?;
-    let d = &source.spec.dynamodb;
-    let c = dynamo::passthrough_client(&d.region, d.endpoint.as_deref(), creds).await;
-    gw.clients.lock().unwrap_or_else(PoisonError::into_inner).insert(key, (version, c.clone()));
-    Ok(c)
+    Ok(sdk.passthrough.clone())
 }
 
 async fn forward(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(Value, Option<Item>), DynamoErrorBody> {

@@ -20,19 +20,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
-    runtime::{
-        WatchStreamExt,
-        events::{Event, EventType, Recorder},
-        watcher,
-    },
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::Recorder,
 };
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -41,13 +36,20 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     admin::Readiness,
+    cluster::{
+        Cluster,
+        aws::SourceSdk,
+        writer::{LockWriter, Writer},
+    },
     crd::{LockSource, LockSourceStatus, StateLock, SyncMode},
     dynamo::{
-        self, DynamoClients, StaticCredentials,
-        lock_item::{LockRecord, TableItem},
+        self,
+        lock_item::TableItem,
         streams::{ItemChange, StreamError, StreamReader},
     },
+    errors::ErrorCategory,
     leader::Leadership,
+    lock_record::LockRecord,
     metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, SourceLabels},
     reasons,
     tenancy::TenancyPolicy,
@@ -70,11 +72,22 @@ pub struct Context {
     /// Table read capacity consumed so far, in thousandths of an RCU, counted as DynamoDB bills
     /// it (see [`dynamo::capacity`]); stream reads are billed separately and not counted here.
     pub read_units_milli: AtomicU64,
+    /// The shared caches: LockSources to follow, and the StateLocks that exist.
+    pub cluster: Arc<Cluster>,
+    writer: LockWriter,
 }
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, leader: Leadership, tenancy: Arc<TenancyPolicy>) -> Self {
-        Self { client, recorder, metrics, leader, tenancy, read_units_milli: AtomicU64::new(0) }
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        leader: Leadership,
+        tenancy: Arc<TenancyPolicy>,
+        cluster: Arc<Cluster>,
+    ) -> Self {
+        let writer = LockWriter::new(client.clone(), recorder.clone(), Writer::Mirror);
+        Self { client, recorder, metrics, leader, tenancy, read_units_milli: AtomicU64::new(0), cluster, writer }
     }
 
     fn add_read_units(&self, source: &LockSource, units: f64) {
@@ -104,8 +117,6 @@ pub enum SyncError {
     StreamNotEnabled { table: String },
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("failed to list the StateLocks of {source_name}: {error}")]
-    ListStateLocks { source_name: String, error: kube::Error },
     #[error("failed to apply StateLock {name}: {error}")]
     ApplyStateLock { name: String, error: kube::Error },
     #[error("failed to delete StateLock {name}: {error}")]
@@ -115,14 +126,25 @@ pub enum SyncError {
 }
 
 impl SyncError {
-    /// Stable reason for conditions, events and metric labels.
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            Self::ReadCredentials(e) => e.category(),
+            Self::Dynamo(e) => e.category(),
+            Self::StreamNotEnabled { .. } => ErrorCategory::DynamoRefused,
+            Self::Stream(_) => ErrorCategory::DynamoUnavailable,
+            Self::ApplyStateLock { error, .. } | Self::DeleteStateLock { error, .. } => ErrorCategory::of_kube(error),
+            Self::NotLeader => ErrorCategory::NotLeader,
+        }
+    }
+
+    /// The reason on the LockSource's Ready condition (metrics use [`Self::category`]).
     pub fn reason(&self) -> &'static str {
         match self {
             Self::ReadCredentials(e) => e.reason(),
             Self::Dynamo(_) => "TableUnreadable",
             Self::StreamNotEnabled { .. } => "StreamNotEnabled",
             Self::Stream(_) => "StreamUnreadable",
-            Self::ListStateLocks { .. } | Self::ApplyStateLock { .. } | Self::DeleteStateLock { .. } => "KubernetesApiError",
+            Self::ApplyStateLock { .. } | Self::DeleteStateLock { .. } => "KubernetesApiError",
             Self::NotLeader => "NotLeader",
         }
     }
@@ -140,8 +162,8 @@ fn source_labels(source: &LockSource) -> SourceLabels {
     SourceLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any() }
 }
 
-/// Watch LockSources on every replica; while this replica leads, run one sync task per source
-/// until `shutdown`.
+/// Follow the LockSources (the shared cache) on every replica; while this replica leads, run one
+/// sync task per source until `shutdown`.
 ///
 /// Readiness: `locksources` opens once the LockSources were listed; `dynamodb` once one table
 /// could be read (a DescribeTable on every replica, so followers are checked too), or at once
@@ -150,79 +172,62 @@ fn source_labels(source: &LockSource) -> SourceLabels {
 pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: CancellationToken) {
     readiness.add_gate("locksources", "listing LockSources");
     readiness.add_gate("dynamodb", "no LockSource's DynamoDB table has been read yet");
-    let api: Api<LockSource> = Api::all(ctx.client.clone());
-    let events = watcher(api, watcher::Config::default()).default_backoff();
-    pin_mut!(events);
+    tokio::select! {
+        () = ctx.cluster.sources_listed() => {},
+        () = shutdown.cancelled() => return,
+    }
+    let mut changes = ctx.cluster.source_changes();
     let mut lead = ctx.leader.changes();
     let mut lead_open = true;
     let mut known: HashMap<SourceKey, LockSource> = HashMap::new();
     let mut probed: HashMap<SourceKey, (String, CancellationToken)> = HashMap::new();
     let mut running: HashMap<SourceKey, Running> = HashMap::new();
-    let mut seen: Vec<SourceKey> = Vec::new();
     let dynamo_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut first = true;
     loop {
-        let event = tokio::select! {
-            e = events.next() => e,
+        // Level-triggered: the wanted set is whatever the cache holds now.
+        changes.borrow_and_update();
+        let wanted: HashMap<SourceKey, LockSource> = ctx.cluster.sources.state().iter().map(|s| (key(s), (**s).clone())).collect();
+        for (k, src) in &wanted {
+            if probed.get(k).is_none_or(|(f, _)| *f != fingerprint(src)) {
+                let cancel = shutdown.child_token();
+                if let Some((_, old)) = probed.insert(k.clone(), (fingerprint(src), cancel.clone())) {
+                    old.cancel();
+                }
+                tokio::spawn(probe(ctx.clone(), src.clone(), readiness.clone(), dynamo_ok.clone(), cancel));
+            }
+            if ctx.leader.is_leader() {
+                ensure(&ctx, &mut running, src.clone());
+            }
+        }
+        let gone: Vec<SourceKey> = known.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for k in gone {
+            forget(&ctx, &mut known, &mut probed, &k);
+            stop(&mut running, &k).await;
+        }
+        known = wanted;
+        if first {
+            first = false;
+            readiness.open("locksources");
+            if known.is_empty() {
+                readiness.open("dynamodb");
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { break },
             changed = lead.changed(), if lead_open => {
                 if changed.is_err() {
                     lead_open = false;
                 } else if *lead.borrow_and_update() {
                     info!(sources = known.len(), "leading: starting the mirror");
-                    for src in known.values() {
-                        ensure(&ctx, &mut running, src.clone());
-                    }
                 } else {
                     info!("no longer leading: stopping the mirror");
                     for k in running.keys().cloned().collect::<Vec<_>>() {
                         stop(&mut running, &k).await;
                     }
                 }
-                continue;
             }
             () = shutdown.cancelled() => break,
-        };
-        let apply = |src: LockSource,
-                     known: &mut HashMap<SourceKey, LockSource>,
-                     probed: &mut HashMap<SourceKey, (String, CancellationToken)>,
-                     running: &mut HashMap<SourceKey, Running>| {
-            let k = key(&src);
-            if probed.get(&k).is_none_or(|(f, _)| *f != fingerprint(&src)) {
-                let cancel = shutdown.child_token();
-                if let Some((_, old)) = probed.insert(k.clone(), (fingerprint(&src), cancel.clone())) {
-                    old.cancel();
-                }
-                tokio::spawn(probe(ctx.clone(), src.clone(), readiness.clone(), dynamo_ok.clone(), cancel));
-            }
-            if ctx.leader.is_leader() {
-                ensure(&ctx, running, src.clone());
-            }
-            known.insert(k, src);
-        };
-        match event {
-            Some(Ok(watcher::Event::Init)) => seen.clear(),
-            Some(Ok(watcher::Event::InitApply(src))) => {
-                seen.push(key(&src));
-                apply(src, &mut known, &mut probed, &mut running);
-            }
-            Some(Ok(watcher::Event::InitDone)) => {
-                let stale: Vec<SourceKey> = known.keys().filter(|k| !seen.contains(k)).cloned().collect();
-                for k in stale {
-                    forget(&ctx, &mut known, &mut probed, &k);
-                    stop(&mut running, &k).await;
-                }
-                readiness.open("locksources");
-                if known.is_empty() {
-                    readiness.open("dynamodb");
-                }
-            }
-            Some(Ok(watcher::Event::Apply(src))) => apply(src, &mut known, &mut probed, &mut running),
-            Some(Ok(watcher::Event::Delete(src))) => {
-                let k = key(&src);
-                forget(&ctx, &mut known, &mut probed, &k);
-                stop(&mut running, &k).await;
-            }
-            Some(Err(e)) => warn!(error = %e, "LockSource watch failed; retrying"),
-            None => break,
         }
     }
     for k in running.keys().cloned().collect::<Vec<_>>() {
@@ -256,12 +261,8 @@ async fn probe(
     cancel: CancellationToken,
 ) {
     while !dynamo_ok.load(Ordering::SeqCst) {
-        let result = match credentials(&ctx, &source).await {
-            Ok(creds) => {
-                let d = &source.spec.dynamodb;
-                let client = dynamo::dynamodb_client(&d.region, d.endpoint.as_deref(), creds).await;
-                dynamo::stream_arn(&client, &d.table_name).await.map(|_| ()).map_err(|e| e.to_string())
-            }
+        let result = match ctx.cluster.aws.get(&ctx.client, &ctx.tenancy, &source).await {
+            Ok(sdk) => dynamo::stream_arn(&sdk.table, &source.spec.dynamodb.table_name).await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match result {
@@ -318,7 +319,7 @@ async fn stop(running: &mut HashMap<SourceKey, Running>, k: &SourceKey) {
 /// What one source's task remembers between passes.
 #[derive(Default)]
 struct SourceState {
-    clients: Option<(Option<String>, DynamoClients)>,
+    clients: Option<Arc<SourceSdk>>,
     last_status: Option<(LockSourceStatus, Timestamp)>,
     /// The stream being followed (Streams mode).
     stream: Option<StreamReader>,
@@ -328,6 +329,21 @@ struct SourceState {
     mode: Option<SyncMode>,
     items: usize,
     pages: u32,
+    /// What this task wrote that the StateLock cache may not show yet, by StateLock name.
+    written: HashMap<String, Written>,
+}
+
+/// A write of the mirror's own, kept until the shared StateLock cache has caught up with it, so
+/// that a lagging cache never makes it create (and announce) a lock twice or delete one twice.
+enum Written {
+    /// `mark`: [`Cluster::lock_list_mark`] right after the write.
+    Applied {
+        lock: Box<StateLock>,
+        mark: u64,
+    },
+    Deleted {
+        uid: String,
+    },
 }
 
 async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: CancellationToken) {
@@ -348,11 +364,11 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
                 ctx.metrics.locks.held.get_or_create(&labels).set(i64::from(pass.locks));
                 let now = Timestamp::now().as_nanosecond();
                 let oldest =
-                    state.table.values().filter_map(|r| r.info.created.as_deref().and_then(dynamo::lock_item::parse_created)).min();
+                    state.table.values().filter_map(|r| r.info.created.as_deref().and_then(crate::lock_record::parse_created)).min();
                 ctx.metrics.locks.oldest_age.get_or_create(&labels).set(oldest.map_or(0, |c| ((now - c).max(0) / 1_000_000_000) as i64));
             }
             Err(e) => {
-                let category = e.reason().to_owned();
+                let category = e.category().as_str().to_owned();
                 ctx.metrics.controllers.reconcile_errors.get_or_create(&ErrorLabels { controller: ControllerName::mirror, category }).inc();
             }
         }
@@ -388,8 +404,13 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
                 }
             }
         } else {
+            // A transient failure is tried again soon; anything else at the next pass.
+            let wait = match &result {
+                Err(e) if e.category().is_transient() => interval.min(e.category().retry_after()),
+                _ => interval,
+            };
             tokio::select! {
-                () = tokio::time::sleep(interval) => {},
+                () = tokio::time::sleep(wait) => {},
                 () = cancel.cancelled() => return,
             }
         }
@@ -402,20 +423,13 @@ struct PassSummary {
     pages: u32,
 }
 
-async fn credentials(ctx: &Context, source: &LockSource) -> Result<Option<StaticCredentials>, SyncError> {
-    Ok(dynamo::source_credentials::for_source(&ctx.client, &ctx.tenancy, source).await?)
-}
-
 async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<PassSummary, SyncError> {
-    let creds = credentials(ctx, source).await?;
-    let fingerprint = creds.as_ref().map(|c| format!("{}:{}", c.access_key_id, c.secret_access_key.len()));
-    if state.clients.as_ref().is_none_or(|(f, _)| *f != fingerprint) {
-        let d = &source.spec.dynamodb;
-        state.clients = Some((fingerprint, dynamo::dynamo_clients(&d.region, d.endpoint.as_deref(), creds).await));
+    // The shared clients; new ones (another spec or rotated credentials) reopen the stream.
+    let clients = ctx.cluster.aws.get(&ctx.client, &ctx.tenancy, source).await?;
+    if state.clients.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &clients)) {
+        state.clients = Some(clients.clone());
         state.stream = None;
     }
-    let Some((_, clients)) = &state.clients else { unreachable!("set above") };
-    let clients = clients.clone();
     let table = &source.spec.dynamodb.table_name;
 
     // Pick the mode; open the stream before scanning so that no change falls in between.
@@ -476,7 +490,7 @@ async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceSta
                 None
             }
             ItemChange::Touched(lock_id) => {
-                let Some((_, clients)) = &state.clients else { continue };
+                let Some(clients) = &state.clients else { continue };
                 let (item, units) = dynamo::get_item(&clients.table, &table, &lock_id).await?;
                 ctx.add_read_units(source, units);
                 if item.is_none() {
@@ -500,21 +514,48 @@ async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceSta
 }
 
 /// Plan against the StateLocks that exist and apply the plan; returns the lock count.
-async fn reconcile(ctx: &Context, source: &LockSource, state: &SourceState) -> Result<i32, SyncError> {
+async fn reconcile(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<i32, SyncError> {
     let records: Vec<LockRecord> = state.table.values().cloned().collect();
-    let ns = source.namespace().unwrap_or_default();
-    let name = source.name_any();
-    let api: Api<StateLock> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing_objs = api
-        .list(&ListParams::default().labels(&format!("{}={name}", reasons::SOURCE_LABEL)))
-        .await
-        .map_err(|error| SyncError::ListStateLocks { source_name: name.clone(), error })?
-        .items;
+    ctx.cluster.locks_listed().await;
+    let existing_objs = existing_locks(ctx, source, &mut state.written);
     let existing: Vec<plan::ExistingLock> = existing_objs.iter().map(existing_lock).collect();
     let now = Timestamp::now();
-    let p = plan::plan(&name, &records, &existing, now.as_nanosecond(), source.spec.expiry.stale_after.get().as_secs());
-    execute(ctx, source, &api, &existing_objs, &p, now).await?;
+    let p = plan::plan(&source.name_any(), &records, &existing, now.as_nanosecond(), source.spec.expiry.stale_after.get().as_secs());
+    execute(ctx, source, &existing_objs, &p, now, &mut state.written).await?;
     Ok(i32::try_from(p.lock_count).unwrap_or(i32::MAX))
+}
+
+/// This source's StateLocks: the shared cache, corrected by the writes it has not caught up with.
+fn existing_locks(ctx: &Context, source: &LockSource, written: &mut HashMap<String, Written>) -> Vec<StateLock> {
+    let (ns, name) = (source.namespace().unwrap_or_default(), source.name_any());
+    let mut by_name: BTreeMap<String, StateLock> = ctx
+        .cluster
+        .locks
+        .state()
+        .iter()
+        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && l.labels().get(reasons::SOURCE_LABEL) == Some(&name))
+        .map(|l| (l.name_any(), (**l).clone()))
+        .collect();
+    written.retain(|lock_name, w| match w {
+        Written::Applied { lock, mark } => {
+            let rv = lock.resource_version();
+            let seen = ctx.cluster.lock_listed_since(*mark)
+                || rv.as_deref().is_some_and(|rv| ctx.cluster.lock_version_seen(rv))
+                || by_name.get(lock_name).is_some_and(|c| c.resource_version() == rv);
+            if !seen {
+                by_name.insert(lock_name.clone(), (**lock).clone());
+            }
+            !seen
+        }
+        Written::Deleted { uid } => {
+            let lagging = by_name.get(lock_name).is_some_and(|c| c.uid().as_deref() == Some(uid.as_str()));
+            if lagging {
+                by_name.remove(lock_name);
+            }
+            lagging
+        }
+    });
+    by_name.into_values().collect()
 }
 
 fn existing_lock(o: &StateLock) -> plan::ExistingLock {
@@ -535,35 +576,25 @@ fn existing_lock(o: &StateLock) -> plan::ExistingLock {
 async fn execute(
     ctx: &Context,
     source: &LockSource,
-    api: &Api<StateLock>,
     existing: &[StateLock],
     p: &plan::Plan,
     now: Timestamp,
+    written: &mut HashMap<String, Written>,
 ) -> Result<(), SyncError> {
-    let owner = source.controller_owner_ref(&()).map(|mut o| {
-        o.controller = Some(false);
-        o.block_owner_deletion = Some(false);
-        o
-    });
-    let pp = PatchParams::apply(reasons::MIRROR_MANAGER).force();
+    let ns = source.namespace().unwrap_or_default();
     for u in &p.upserts {
         ctx.ensure_leader()?;
         let mut obj = existing.iter().find(|e| e.name_any() == u.name).cloned();
         if u.write_spec {
             if obj.is_none()
-                && let Some(created) = u.spec.lock_info.created.as_deref().and_then(dynamo::lock_item::parse_created)
+                && let Some(created) = u.spec.lock_info.created.as_deref().and_then(crate::lock_record::parse_created)
             {
                 let lag = (now.as_nanosecond() - created).max(0) as f64 / 1e9;
                 ctx.metrics.locks.mirror_lag.observe(lag);
             }
-            let body = json!({
-                "apiVersion": "statelock.dev/v1alpha1",
-                "kind": "StateLock",
-                "metadata": {"name": u.name, "labels": {reasons::SOURCE_LABEL: source.name_any()}, "ownerReferences": owner.iter().collect::<Vec<_>>()},
-                "spec": u.spec,
-            });
             obj = Some(
-                api.patch(&u.name, &pp, &Patch::Apply(&body))
+                ctx.writer
+                    .apply_spec(source, &u.name, &u.spec)
                     .await
                     .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?,
             );
@@ -586,10 +617,14 @@ async fn execute(
                     }
                 })
                 .collect();
-            let body = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": u.name}, "status": {"conditions": conditions}});
-            api.patch_status(&u.name, &pp, &Patch::Apply(&body))
+            let after = ctx
+                .writer
+                .apply_status(&ns, &u.name, reasons::MIRROR_MANAGER, json!({"conditions": conditions}))
                 .await
                 .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?;
+            written.insert(u.name.clone(), Written::Applied { lock: Box::new(after), mark: ctx.cluster.lock_list_mark() });
+        } else if u.write_spec {
+            written.insert(u.name.clone(), Written::Applied { lock: Box::new(current.clone()), mark: ctx.cluster.lock_list_mark() });
         }
         for e in &u.events {
             publish(ctx, &current, e.reason, e.warning, &e.note).await;
@@ -601,18 +636,11 @@ async fn execute(
             ctx.metrics.locks.hold_duration.observe(h as f64);
         }
         if let Some(obj) = existing.iter().find(|e| e.name_any() == r.name) {
-            let held = r.held_for_secs.map(plan::human).unwrap_or_else(|| "an unknown time".into());
+            let held = r.held_for_secs.map(crate::lock_record::human).unwrap_or_else(|| "an unknown time".into());
             publish(ctx, obj, reasons::LOCK_RELEASED, false, &format!("lock on {} released after {held}", r.lock_id)).await;
         }
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid: Some(r.uid.clone()), resource_version: None }),
-            ..DeleteParams::default()
-        };
-        match api.delete(&r.name, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(error) => return Err(SyncError::DeleteStateLock { name: r.name.clone(), error }),
-        }
+        ctx.writer.delete(&ns, &r.name, &r.uid).await.map_err(|error| SyncError::DeleteStateLock { name: r.name.clone(), error })?;
+        written.insert(r.name.clone(), Written::Deleted { uid: r.uid.clone() });
     }
     for (name, lock_id) in &p.collisions {
         warn!(%name, %lock_id, "two LockIDs map to one StateLock name; the second is not mirrored");
@@ -631,16 +659,7 @@ async fn execute(
 }
 
 async fn publish(ctx: &Context, obj: &StateLock, reason: &str, warning: bool, note: &str) {
-    let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(crate::dynamo::lock_item::truncate(note, 1024).to_owned()),
-        action: "Mirror".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        warn!(error = %e, reason, "failed to publish event");
-    }
+    ctx.writer.publish(obj, reason, warning, note, None).await;
 }
 
 fn ready_status(

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::{
     crd::{StateLockSpec, state_lock_name},
-    dynamo::lock_item::{LockRecord, parse_created, truncate},
+    lock_record::{LockRecord, human, parse_created, spec_for},
     reasons,
 };
 
@@ -73,32 +73,6 @@ impl Plan {
     /// Does the plan change anything?
     pub fn is_noop(&self) -> bool {
         self.removals.is_empty() && self.upserts.iter().all(|u| !u.write_spec && !u.write_conditions && u.events.is_empty())
-    }
-}
-
-/// The StateLock spec for a lock record.
-pub fn spec_for(source: &str, record: &LockRecord) -> StateLockSpec {
-    StateLockSpec {
-        source: source.to_owned(),
-        lock_id: record.lock_id.clone(),
-        lock_info: record.info.clone(),
-        info_sha256: record.info_sha256.clone(),
-        raw_info: if record.is_valid() {
-            None
-        } else {
-            record.raw_info.as_deref().map(|r| truncate(r, crate::dynamo::lock_item::MAX_RAW_INFO_BYTES).to_owned())
-        },
-    }
-}
-
-/// `3h2m` style durations for event notes.
-pub fn human(secs: i64) -> String {
-    let secs = secs.max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 3 * 3600 => format!("{}m{}s", s / 60, s % 60),
-        s if s < 48 * 3600 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
     }
 }
 
