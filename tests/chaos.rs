@@ -248,15 +248,18 @@ async fn read_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Op
     }
 }
 
-/// Forward to moto, one connection per request; record the operator's deletes; inject faults.
-async fn proxy(upstream: u16) -> (String, Arc<ProxyState>) {
+/// Forward to moto, one connection per request; record the operator's deletes; inject faults
+/// (when `faults`). Every write to moto goes through `writes`, one at a time: moto's conditional
+/// PutItem is not atomic under concurrent requests (the first 1,000-schedule run with histories
+/// showed two runners granted one lock 0-7 ms apart, with no delete in between), and DynamoDB's is.
+async fn proxy(upstream: u16, faults: bool, writes: Arc<tokio::sync::Mutex<()>>) -> (String, Arc<ProxyState>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let state = Arc::new(ProxyState::default());
     let st = state.clone();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let st = st.clone();
+            let (st, writes) = (st.clone(), writes.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while let Some((head, body)) = read_request(&mut conn, &mut buf).await {
@@ -265,9 +268,10 @@ async fn proxy(upstream: u16) -> (String, Arc<ProxyState>) {
                         .lines()
                         .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-amz-target:").map(|v| v.trim().to_owned()))
                         .unwrap_or_default();
-                    let reply = if st.throttle_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                    let reply = if faults && st.throttle_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+                    {
                         error_reply(400, "ThrottlingException")
-                    } else if st.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                    } else if faults && st.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                         error_reply(500, "InternalServerError")
                     } else {
                         if target.ends_with("deleteitem") {
@@ -282,6 +286,8 @@ async fn proxy(upstream: u16) -> (String, Arc<ProxyState>) {
                                     .map(str::to_owned),
                             });
                         }
+                        let write = ["putitem", "deleteitem", "updateitem"].iter().any(|w| target.ends_with(w));
+                        let _one_at_a_time = if write { Some(writes.lock().await) } else { None };
                         match forward(upstream, &text, &body).await {
                             Some(r) => r,
                             None => error_reply(500, "InternalServerError"),
@@ -386,7 +392,11 @@ fn start_operator(cluster: &TestCluster, i: usize, gateway_port: u16) -> Operato
 async fn environment() -> Arc<Env> {
     let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
-    let (url, proxy) = proxy(moto.port).await;
+    let writes = Arc::new(tokio::sync::Mutex::new(()));
+    // The runners that talk to DynamoDB directly do so through a proxy without faults or records,
+    // which takes its turn for writes with the operator's.
+    let (direct_url, _) = proxy(moto.port, false, writes.clone()).await;
+    let (url, proxy) = proxy(moto.port, true, writes).await;
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     for ns in [SOURCE_NS, RUNNERS] {
@@ -411,7 +421,7 @@ async fn environment() -> Arc<Env> {
     // attempt, every lock that vanishes under a live runner is statelock's doing.
     let creds =
         || statelock::dynamo::StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None };
-    let db = statelock::dynamo::passthrough_client("us-east-1", Some(&moto.url()), Some(creds())).await;
+    let db = statelock::dynamo::passthrough_client("us-east-1", Some(&direct_url), Some(creds())).await;
     let mut gateways = Vec::new();
     for _ in 0..2 {
         let port = free_port();
