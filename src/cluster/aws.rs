@@ -86,7 +86,18 @@ impl SourceClients {
                 aws_sdk_dynamodb::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build(),
             ),
         });
-        self.lock().insert(key, Entry { spec, credentials, read_at: Instant::now(), sdk: sdk.clone() });
+        // Another caller may have built clients for the same spec and credentials meanwhile:
+        // keep those, so that every component holds the same clients (the mirror reopens its
+        // stream when its clients change).
+        let mut entries = self.lock();
+        if let Some(e) = entries.get_mut(&key)
+            && e.spec == spec
+            && e.credentials == credentials
+        {
+            e.read_at = Instant::now();
+            return Ok(e.sdk.clone());
+        }
+        entries.insert(key, Entry { spec, credentials, read_at: Instant::now(), sdk: sdk.clone() });
         Ok(sdk)
     }
 

@@ -1058,7 +1058,8 @@ impl Api {
         while let Some(owner) = gone.pop() {
             for key in st.store.keys() {
                 for obj in st.store.all(&key) {
-                    let refs = meta(&obj, "ownerReferences").as_array().cloned().unwrap_or_default();
+                    // Borrowed, not cloned: this runs over every object for every delete.
+                    let Some(refs) = meta(&obj, "ownerReferences").as_array() else { continue };
                     if !refs.iter().any(|r| r["uid"].as_str() == Some(owner.as_str())) {
                         continue;
                     }
