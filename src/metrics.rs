@@ -37,6 +37,30 @@ pub struct LockMetrics {
     pub read_units: Family<SourceLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Locks statelock released, by the evidence (or request) that allowed it.
     pub expirations: Family<ExpirationLabels, Counter>,
+    /// DynamoDB Streams requests the mirror made (AWS bills each as a stream read request), per
+    /// LockSource and call.
+    pub stream_requests: Family<StreamCallLabels, Counter>,
+    /// DynamoDB Streams calls that failed, per LockSource and call.
+    pub stream_errors: Family<StreamCallLabels, Counter>,
+    /// Full table Scans, per LockSource and why they ran.
+    pub full_scans: Family<ScanLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamCallLabels {
+    pub namespace: String,
+    pub source: String,
+    /// `DescribeStream`, `GetShardIterator` or `GetRecords`.
+    pub call: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScanLabels {
+    pub namespace: String,
+    pub source: String,
+    /// `ScanMode` (every interval), `StreamOpened` (a stream was opened or reopened),
+    /// `SafetyNet` (the hourly rescan in Streams mode).
+    pub cause: String,
 }
 
 /// Reconcile passes of the mirror and the expiry controller.
@@ -207,6 +231,9 @@ impl Default for Metrics {
             mirror_lag: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.05, 2.0, 12)),
             read_units: Family::default(),
             expirations: Family::default(),
+            stream_requests: Family::default(),
+            stream_errors: Family::default(),
+            full_scans: Family::default(),
         };
         let seconds = prometheus_client::registry::Unit::Seconds;
         registry.register("locks_held", "Locks held now, per LockSource (as last read by the leader)", locks.held.clone());
@@ -229,6 +256,17 @@ impl Default for Metrics {
             locks.read_units.clone(),
         );
         registry.register("expirations", "Locks statelock released, by the evidence or request that allowed it", locks.expirations.clone());
+        registry.register(
+            "dynamodb_stream_requests",
+            "DynamoDB Streams requests made by the mirror (billed as stream read requests), per LockSource and call",
+            locks.stream_requests.clone(),
+        );
+        registry.register(
+            "dynamodb_stream_errors",
+            "DynamoDB Streams calls of the mirror that failed, per LockSource and call",
+            locks.stream_errors.clone(),
+        );
+        registry.register("dynamodb_full_scans", "Full table Scans run by the mirror, per LockSource and cause", locks.full_scans.clone());
 
         let controllers =
             ControllerMetrics { reconcile_duration: Family::new_with_constructor(reconcile_buckets), reconcile_errors: Family::default() };

@@ -2,7 +2,9 @@
 //!
 //! Real operator processes (two, with leader election, as the chart runs them) against the
 //! Kubernetes API emulator and moto, with simulated Terraform runners in emulated pods, under a
-//! schedule of faults drawn from a seed. The operator reaches DynamoDB through a recording proxy
+//! schedule of faults drawn from a seed. The table's stream is served by the streams test double in
+//! front of moto (the mirror runs in Streams mode; shards split, iterators expire, GetRecords is
+//! throttled, the stream is replaced). The operator reaches DynamoDB through a recording proxy
 //! that can also throttle and fail calls; the runners talk to moto directly or through an
 //! operator's gateway (which forwards through the same proxy). The harness knows at
 //! every moment which runner processes are alive: that is the ground truth the checker compares
@@ -120,6 +122,14 @@ enum Fault {
     DynamoThrottled,
     /// DynamoDB answers 500 to the operator's next calls.
     Dynamo5xx,
+    /// The table's stream splits its open shards.
+    StreamSplit,
+    /// Every stream iterator handed out so far expires.
+    StreamIteratorsExpired,
+    /// The next GetRecords calls are throttled (too many readers on a shard).
+    StreamThrottled,
+    /// The table's stream is disabled and a new one enabled (a new ARN).
+    StreamReplaced,
     /// The LockSource's grace period is changed while in use.
     SourceChanged,
 }
@@ -147,6 +157,10 @@ impl Fault {
             Self::ApiLatency => "API latency",
             Self::DynamoThrottled => "DynamoDB throttling",
             Self::Dynamo5xx => "DynamoDB 5xx",
+            Self::StreamSplit => "stream shard split",
+            Self::StreamIteratorsExpired => "stream iterators expired",
+            Self::StreamThrottled => "stream throttled",
+            Self::StreamReplaced => "stream replaced",
             Self::SourceChanged => "LockSource changed",
         }
     }
@@ -195,8 +209,14 @@ fn schedule(seed: u64) -> Schedule {
             15 => Fault::HistoryCompacted,
             16 => Fault::ApiWritesFail,
             17 => Fault::ApiLatency,
-            18 if rng.chance(50) => Fault::DynamoThrottled,
-            18 => Fault::Dynamo5xx,
+            18 => match rng.below(6) {
+                0 => Fault::DynamoThrottled,
+                1 => Fault::Dynamo5xx,
+                2 => Fault::StreamSplit,
+                3 => Fault::StreamIteratorsExpired,
+                4 => Fault::StreamThrottled,
+                _ => Fault::StreamReplaced,
+            },
             _ => Fault::SourceChanged,
         };
         steps.push((50 + rng.below(700), f));
@@ -372,6 +392,8 @@ struct Env {
     /// The gateway of each operator process (fixed ports across restarts), as runners see it.
     gateways: Vec<(u16, aws_sdk_dynamodb::Client)>,
     proxy: Arc<ProxyState>,
+    /// The table's stream (moto's table behind the streams double).
+    stream: common::streams_double::StreamsDouble,
     operators: Mutex<Vec<Option<Operator>>>,
     truth: Truth,
 }
@@ -392,11 +414,14 @@ fn start_operator(cluster: &TestCluster, i: usize, gateway_port: u16) -> Operato
 async fn environment() -> Arc<Env> {
     let moto = DynamoServer::moto();
     moto.create_lock_table(TABLE).await;
+    // The table's stream: every write that reaches moto through the double becomes a record.
+    let stream = common::streams_double::StreamsDouble::start(&moto.url(), TABLE).await;
+    let upstream: u16 = stream.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("the double's port");
     let writes = Arc::new(tokio::sync::Mutex::new(()));
     // The runners that talk to DynamoDB directly do so through a proxy without faults or records,
     // which takes its turn for writes with the operator's.
-    let (direct_url, _) = proxy(moto.port, false, writes.clone()).await;
-    let (url, proxy) = proxy(moto.port, true, writes).await;
+    let (direct_url, _) = proxy(upstream, false, writes.clone()).await;
+    let (url, proxy) = proxy(upstream, true, writes).await;
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     for ns in [SOURCE_NS, RUNNERS] {
@@ -408,7 +433,7 @@ async fn environment() -> Arc<Env> {
             "chaos",
             json!({
                 "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": url},
-                "sync": {"mode": "Scan", "interval": "1s"},
+                "sync": {"mode": "Streams", "interval": "1s", "streamPollInterval": "100ms"},
                 "holders": {"namespaces": [RUNNERS], "hostnamePattern": "runner-[0-9]+-[0-9]+"},
                 "expiry": {"mode": "Release", "gracePeriod": "1s", "skewTolerance": "2s"},
                 "gateway": {"allowedSourceRanges": ["127.0.0.1/32"]}
@@ -429,7 +454,7 @@ async fn environment() -> Arc<Env> {
         gateways.push((port, client));
     }
     let operators = Mutex::new((0..2).map(|i| Some(start_operator(&cluster, i, gateways[i].0))).collect());
-    Arc::new(Env { cluster, _moto: moto, db, gateways, proxy, operators, truth: Truth::default() })
+    Arc::new(Env { cluster, _moto: moto, db, gateways, proxy, stream, operators, truth: Truth::default() })
 }
 
 fn pod_name_of(seed: u64, r: usize, long: bool) -> String {
@@ -734,6 +759,10 @@ async fn apply_fault(env: &Arc<Env>, s: &Schedule, runners: &[Arc<Runner>], f: &
         Fault::Dynamo5xx => {
             env.proxy.fail_next.fetch_add(2, Ordering::SeqCst);
         }
+        Fault::StreamSplit => env.stream.split(),
+        Fault::StreamIteratorsExpired => env.stream.expire_iterators(),
+        Fault::StreamThrottled => env.stream.faults(|f| f.throttle_next += 5),
+        Fault::StreamReplaced => env.stream.replace_stream(),
         Fault::SourceChanged => {
             let grace = if s.seed.is_multiple_of(2) { "0s" } else { "2s" };
             let api: Api<statelock::crd::LockSource> = Api::namespaced(env.cluster.client(), SOURCE_NS);
@@ -936,7 +965,7 @@ fn schedules_are_a_pure_function_of_the_seed_and_cover_every_fault() {
     let b: Vec<_> = (1..200).map(|s| schedule(s).steps).collect();
     assert_eq!(a, b);
     let kinds: std::collections::BTreeSet<&str> = a.iter().flatten().map(|(_, f)| f.kind()).collect();
-    assert_eq!(kinds.len(), 21, "every kind of fault is drawn: {kinds:?}");
+    assert_eq!(kinds.len(), 25, "every kind of fault is drawn: {kinds:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

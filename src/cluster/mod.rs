@@ -9,7 +9,7 @@ pub mod pods;
 pub mod writer;
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -50,6 +50,32 @@ pub struct Cluster {
     source_changes: watch::Receiver<u64>,
     locks_synced: watch::Receiver<bool>,
     versions: Arc<Versions>,
+    /// Lock tables written through the gateway: the mirror polls their streams at once.
+    pub nudges: TableNudges,
+}
+
+/// A signal per table name that something wrote to it (the gateway forwarded a lock or unlock):
+/// a hint to read the table's stream now, never a fact about the table.
+#[derive(Default)]
+pub struct TableNudges {
+    tables: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl TableNudges {
+    /// Follow nudges of `table`.
+    pub fn subscribe(&self, table: &str) -> watch::Receiver<u64> {
+        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        tables.retain(|_, tx| tx.receiver_count() > 0);
+        tables.entry(table.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Something wrote to `table`; nothing happens when nobody follows it.
+    pub fn nudge(&self, table: &str) {
+        let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = tables.get(table) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
 }
 
 struct Versions {
@@ -162,7 +188,10 @@ impl Cluster {
                 }
             });
         }
-        (Arc::new(Self { aws, pods, sources, locks, source_changes, locks_synced, versions }), lock_triggers)
+        (
+            Arc::new(Self { aws, pods, sources, locks, source_changes, locks_synced, versions, nudges: TableNudges::default() }),
+            lock_triggers,
+        )
     }
 
     /// Wait until the LockSources were listed.

@@ -55,6 +55,11 @@ impl GoDuration {
         Self { text: format!("{secs}s"), value: Duration::from_secs(secs), problem: None }
     }
 
+    /// A duration of whole milliseconds, rendered as `<n>ms`.
+    pub fn from_millis(ms: u64) -> Self {
+        Self { text: format!("{ms}ms"), value: Duration::from_millis(ms), problem: None }
+    }
+
     /// A duration of whole hours, rendered as `<n>h`.
     pub fn from_hours(hours: u64) -> Self {
         Self { text: format!("{hours}h"), value: Duration::from_secs(hours * 3600), problem: None }

@@ -118,6 +118,8 @@ fn default_session_token_key() -> String {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "duration(self.interval) >= duration('1s')", "message": "sync.interval must be at least 1s"},
     {"rule": "duration(self.interval) <= duration('24h')", "message": "sync.interval must be at most 24h"},
+    {"rule": "!has(self.streamPollInterval) || (duration(self.streamPollInterval) >= duration('100ms') && duration(self.streamPollInterval) <= duration('1h'))",
+     "message": "sync.streamPollInterval must be between 100ms and 1h"},
 ]))]
 pub struct SyncSpec {
     /// `Auto` reads the table's DynamoDB Stream when it has one and scans otherwise; `Streams`
@@ -126,16 +128,27 @@ pub struct SyncSpec {
     pub mode: SyncMode,
 
     /// In Scan mode, how often the table is scanned. In Streams mode, how often ages are
-    /// re-checked (for Stale) without reading the table; changes arrive through the stream within
-    /// about 100 ms, and a full Scan runs only at start, after a stream error and every hour.
+    /// re-checked (for Stale) without reading the table; changes arrive through the stream, and a
+    /// full Scan runs only when a stream is opened (at start, when the table's stream was replaced
+    /// or its position lost) and every hour.
     #[serde(default = "default_sync_interval")]
     pub interval: GoDuration,
+
+    /// In Streams mode, how often each open shard is polled (at least 100ms). Every poll is a
+    /// stream read request that AWS bills; the poll interval is about the longest a change waits
+    /// to be seen. A lock taken or released through the statelock gateway is polled for at once.
+    #[serde(default = "default_stream_poll_interval")]
+    pub stream_poll_interval: GoDuration,
 }
 
 impl Default for SyncSpec {
     fn default() -> Self {
-        Self { mode: SyncMode::default(), interval: default_sync_interval() }
+        Self { mode: SyncMode::default(), interval: default_sync_interval(), stream_poll_interval: default_stream_poll_interval() }
     }
+}
+
+fn default_stream_poll_interval() -> GoDuration {
+    GoDuration::from_millis(200)
 }
 
 fn default_sync_interval() -> GoDuration {
@@ -285,6 +298,8 @@ pub const MAX_GRACE_PERIOD: std::time::Duration = std::time::Duration::from_secs
 pub const MAX_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
 pub const MAX_SKEW_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(600);
 pub const MAX_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+pub const MIN_STREAM_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+pub const MAX_STREAM_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl LockSourceSpec {
     /// What is wrong with the spec, in words; empty when it can be served.
@@ -303,6 +318,10 @@ impl LockSourceSpec {
         bounded("sync.interval", &self.sync.interval, MAX_SYNC_INTERVAL, &mut out);
         if self.sync.interval.get() < std::time::Duration::from_secs(1) {
             out.push(format!("sync.interval is {}, less than 1s", self.sync.interval));
+        }
+        bounded("sync.streamPollInterval", &self.sync.stream_poll_interval, MAX_STREAM_POLL_INTERVAL, &mut out);
+        if self.sync.stream_poll_interval.get() < MIN_STREAM_POLL_INTERVAL {
+            out.push(format!("sync.streamPollInterval is {}, less than 100ms", self.sync.stream_poll_interval));
         }
         if let Some(p) = &self.holders.hostname_pattern
             && let Err(e) = self.holders.compiled_pattern_of(p)

@@ -65,8 +65,9 @@ pub struct ScanOutput {
     pub read_units: f64,
 }
 
-/// Read every item of a table with a paginated, eventually consistent Scan.
-pub async fn scan_table(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<ScanOutput, DynamoError> {
+/// Read every item of a table with a paginated Scan; `consistent`: strongly consistent (twice the
+/// read units), so that no lagging replica can answer with an older state than one already seen.
+pub async fn scan_table(client: &aws_sdk_dynamodb::Client, table: &str, consistent: bool) -> Result<ScanOutput, DynamoError> {
     let mut out = ScanOutput::default();
     let mut start: Option<HashMap<String, AttributeValue>> = None;
     loop {
@@ -74,11 +75,12 @@ pub async fn scan_table(client: &aws_sdk_dynamodb::Client, table: &str) -> Resul
             .scan()
             .table_name(table)
             .set_exclusive_start_key(start.take())
+            .consistent_read(consistent)
             .send()
             .await
             .map_err(|e| DynamoError::ScanTable { table: table.to_owned(), source: SdkFailure::new(e) })?;
         let items = page.items.unwrap_or_default();
-        out.read_units += capacity::scan_page_read_units(&items, false);
+        out.read_units += capacity::scan_page_read_units(&items, consistent);
         out.items.extend(items);
         out.pages += 1;
         match page.last_evaluated_key {

@@ -47,6 +47,11 @@ impl Caches {
     }
 
     /// The shared SDK clients, one set per LockSource.
+    /// The gateway wrote to `table`: the mirror reads its stream now.
+    pub fn nudge(&self, table: &str) {
+        self.cluster.nudges.nudge(table);
+    }
+
     pub fn aws(&self) -> &Arc<crate::cluster::aws::SourceClients> {
         &self.cluster.aws
     }

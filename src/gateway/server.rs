@@ -363,10 +363,12 @@ fn note_effects(
             if contended {
                 gw.effects.contended(source, &record, pod);
             } else {
+                gw.caches.nudge(&source.spec.dynamodb.table_name);
                 gw.effects.granted(source, *record, pod);
             }
         }
         Request::DeleteItem { .. } if outcome.is_ok() => {
+            gw.caches.nudge(&source.spec.dynamodb.table_name);
             if let Some(id) = req.lock_id().filter(|id| !id.ends_with("-md5")) {
                 gw.effects.released(source, id);
             }

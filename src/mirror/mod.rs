@@ -30,7 +30,7 @@ use kube::{
     runtime::events::Recorder,
 };
 use serde_json::json;
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -45,18 +45,16 @@ use crate::{
     dynamo::{
         self,
         lock_item::TableItem,
-        streams::{ItemChange, StreamError, StreamReader},
+        streams::{ItemChange, StreamCall, StreamError, StreamFailure, StreamReader},
     },
     errors::ErrorCategory,
     leader::Leadership,
     lock_record::LockRecord,
-    metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, SourceLabels},
+    metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, ScanLabels, SourceLabels, StreamCallLabels},
     reasons,
     tenancy::TenancyPolicy,
 };
 
-/// How often a followed stream is polled.
-const STREAM_POLL: Duration = Duration::from_millis(100);
 /// How often Streams mode re-reads the whole table anyway.
 const STREAMS_FULL_RESYNC: Duration = Duration::from_secs(3600);
 
@@ -72,6 +70,8 @@ pub struct Context {
     /// Table read capacity consumed so far, in thousandths of an RCU, counted as DynamoDB bills
     /// it (see [`dynamo::capacity`]); stream reads are billed separately and not counted here.
     pub read_units_milli: AtomicU64,
+    /// DynamoDB Streams requests made so far (every call; AWS bills each GetRecords).
+    pub stream_requests: AtomicU64,
     /// The shared caches: LockSources to follow, and the StateLocks that exist.
     pub cluster: Arc<Cluster>,
     writer: LockWriter,
@@ -87,7 +87,17 @@ impl Context {
         cluster: Arc<Cluster>,
     ) -> Self {
         let writer = LockWriter::new(client.clone(), recorder.clone(), Writer::Mirror);
-        Self { client, recorder, metrics, leader, tenancy, read_units_milli: AtomicU64::new(0), cluster, writer }
+        Self {
+            client,
+            recorder,
+            metrics,
+            leader,
+            tenancy,
+            read_units_milli: AtomicU64::new(0),
+            stream_requests: AtomicU64::new(0),
+            cluster,
+            writer,
+        }
     }
 
     fn add_read_units(&self, source: &LockSource, units: f64) {
@@ -131,7 +141,7 @@ impl SyncError {
             Self::ReadCredentials(e) => e.category(),
             Self::Dynamo(e) => e.category(),
             Self::StreamNotEnabled { .. } => ErrorCategory::DynamoRefused,
-            Self::Stream(_) => ErrorCategory::DynamoUnavailable,
+            Self::Stream(e) => e.category(),
             Self::ApplyStateLock { error, .. } | Self::DeleteStateLock { error, .. } => ErrorCategory::of_kube(error),
             Self::NotLeader => ErrorCategory::NotLeader,
         }
@@ -182,13 +192,26 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
     let mut known: HashMap<SourceKey, LockSource> = HashMap::new();
     let mut probed: HashMap<SourceKey, (String, CancellationToken)> = HashMap::new();
     let mut running: HashMap<SourceKey, Running> = HashMap::new();
+    let mut refused: HashMap<SourceKey, (String, String)> = HashMap::new();
     let dynamo_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut first = true;
     loop {
         // Level-triggered: the wanted set is whatever the cache holds now.
         changes.borrow_and_update();
         let wanted: HashMap<SourceKey, LockSource> = ctx.cluster.sources.state().iter().map(|s| (key(s), (**s).clone())).collect();
+        let first_readers = first_readers(&wanted, &running);
         for (k, src) in &wanted {
+            // One StateLock per lock: a second LockSource on a table already mirrored into this
+            // namespace is refused, by name, and never runs.
+            if let Some(first) = first_readers.get(k) {
+                stop(&mut running, k).await;
+                if ctx.leader.is_leader() && refused.get(k) != Some(&(fingerprint(src), first.clone())) {
+                    refuse_duplicate(&ctx, src, first).await;
+                    refused.insert(k.clone(), (fingerprint(src), first.clone()));
+                }
+                continue;
+            }
+            refused.remove(k);
             if probed.get(k).is_none_or(|(f, _)| *f != fingerprint(src)) {
                 let cancel = shutdown.child_token();
                 if let Some((_, old)) = probed.insert(k.clone(), (fingerprint(src), cancel.clone())) {
@@ -197,7 +220,7 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
                 tokio::spawn(probe(ctx.clone(), src.clone(), readiness.clone(), dynamo_ok.clone(), cancel));
             }
             if ctx.leader.is_leader() {
-                ensure(&ctx, &mut running, src.clone());
+                ensure(&ctx, &mut running, src.clone()).await;
             }
         }
         let gone: Vec<SourceKey> = known.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
@@ -222,6 +245,7 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
                     info!(sources = known.len(), "leading: starting the mirror");
                 } else {
                     info!("no longer leading: stopping the mirror");
+                    refused.clear();
                     for k in running.keys().cloned().collect::<Vec<_>>() {
                         stop(&mut running, &k).await;
                     }
@@ -294,15 +318,53 @@ fn fingerprint(src: &LockSource) -> String {
     format!("{}/{}", src.uid().unwrap_or_default(), serde_json::to_string(&src.spec).unwrap_or_default())
 }
 
-fn ensure(ctx: &Arc<Context>, running: &mut HashMap<SourceKey, Running>, src: LockSource) {
+/// For each LockSource that reads a table another LockSource of its namespace read first (same
+/// table name, region and endpoint), the first one's name. The one mirroring now stays first;
+/// otherwise the older object (creation timestamps have second precision), then the name.
+fn first_readers(wanted: &HashMap<SourceKey, LockSource>, running: &HashMap<SourceKey, Running>) -> HashMap<SourceKey, String> {
+    let table_of = |s: &LockSource| {
+        let d = &s.spec.dynamodb;
+        (s.namespace().unwrap_or_default(), d.table_name.clone(), d.region.clone(), d.endpoint.clone())
+    };
+    let mut by_table: BTreeMap<_, Vec<&LockSource>> = BTreeMap::new();
+    for s in wanted.values() {
+        by_table.entry(table_of(s)).or_default().push(s);
+    }
+    let mut out = HashMap::new();
+    for mut group in by_table.into_values().filter(|g| g.len() > 1) {
+        group.sort_by_key(|s| (!running.contains_key(&key(s)), s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
+        let first = group[0].name_any();
+        for s in &group[1..] {
+            out.insert(key(s), first.clone());
+        }
+    }
+    out
+}
+
+async fn refuse_duplicate(ctx: &Context, source: &LockSource, first: &str) {
+    let message = format!(
+        "LockSource {first} in this namespace already mirrors table {}; one table is mirrored once per namespace,          so that each lock is one StateLock. Delete this LockSource, or put it in another namespace",
+        source.spec.dynamodb.table_name
+    );
+    warn!(source = %source.name_any(), %first, "refusing a second LockSource on one table");
+    let status = ready_status(source, None, false, "DuplicateTable", message, None);
+    let api: Api<LockSource> = Api::namespaced(ctx.client.clone(), &source.namespace().unwrap_or_default());
+    let body =
+        json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": source.name_any()}, "status": status});
+    if let Err(e) = api.patch_status(&source.name_any(), &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body)).await {
+        warn!(error = %e, "failed to write LockSource status");
+    }
+}
+
+/// Start (or restart, after its spec changed) a source's task; the old task has stopped before
+/// the new one starts.
+async fn ensure(ctx: &Arc<Context>, running: &mut HashMap<SourceKey, Running>, src: LockSource) {
     let k = key(&src);
     let fingerprint = fingerprint(&src);
     if running.get(&k).is_some_and(|r| r.fingerprint == fingerprint) {
         return;
     }
-    if let Some(old) = running.remove(&k) {
-        old.cancel.cancel();
-    }
+    stop(running, &k).await;
     let cancel = CancellationToken::new();
     let span = info_span!("locksource", namespace = %k.0, name = %k.1, table = %src.spec.dynamodb.table_name);
     let task = tokio::spawn(sync_source(ctx.clone(), src, cancel.clone()).instrument(span));
@@ -323,8 +385,18 @@ struct SourceState {
     last_status: Option<(LockSourceStatus, Timestamp)>,
     /// The stream being followed (Streams mode).
     stream: Option<StreamReader>,
+    /// Why the stream was closed, when it was closed by trouble (reported, and the next opening
+    /// waits for [`REOPEN_SPACING`] after the last full Scan).
+    stream_closed: Option<String>,
+    /// Auto mode: the stream was refused (permissions); Scan until then.
+    stream_refused_until: Option<(Instant, String)>,
+    /// A full Scan was applied and the stream has not been read until quiet since: nothing may
+    /// be written yet (the table may hold an intermediate state of some item).
+    catching_up: bool,
     /// The table as last read, by LockID (lock items only).
     table: BTreeMap<String, LockRecord>,
+    /// Items a KEYS_ONLY stream named that could not be read yet.
+    unread: std::collections::BTreeSet<String>,
     last_full_scan: Option<Instant>,
     mode: Option<SyncMode>,
     items: usize,
@@ -346,62 +418,69 @@ enum Written {
     },
 }
 
+/// How soon a failed write is tried again while following a stream, at the least.
+const RETRY_SOON: Duration = Duration::from_millis(100);
+/// How often the table's current stream ARN is compared with the one followed (DescribeTable,
+/// free of read capacity).
+const ARN_CHECK: Duration = Duration::from_secs(30);
+/// The least time between a full Scan and one caused by reopening a stream (a replaced stream,
+/// a lost position): stream trouble never turns into a Scan storm.
+const REOPEN_SPACING: Duration = Duration::from_secs(15);
+/// Auto mode retries a refused stream this long after the refusal.
+const REFUSED_RETRY: Duration = Duration::from_secs(3600);
+/// After opening a stream and scanning, the stream is read until it is quiet before anything is
+/// written, at most this many polls.
+const CATCH_UP_POLLS: usize = 20;
+
+/// Exponential backoff for repeated stream errors: 0.5 s doubling to `max`.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self { next: Duration::from_millis(500), max }
+    }
+
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
 async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: CancellationToken) {
     let interval = source.spec.sync.interval.get().max(Duration::from_secs(1));
+    let idle_poll = source.spec.sync.stream_poll_interval.get().max(crate::crd::MIN_STREAM_POLL_INTERVAL);
+    let mut nudges = ctx.cluster.nudges.subscribe(&source.spec.dynamodb.table_name);
     let mut state = SourceState::default();
-    info!(interval = ?interval, mode = ?source.spec.sync.mode, "syncing LockSource");
-    let controller = ControllerLabels { controller: ControllerName::mirror };
+    info!(interval = ?interval, poll = ?idle_poll, mode = ?source.spec.sync.mode, "syncing LockSource");
     loop {
+        // Reopening a stream after trouble waits for the spacing since the last full Scan.
+        if state.stream_closed.is_some()
+            && let Some(wait) = state.last_full_scan.map(|t| REOPEN_SPACING.saturating_sub(t.elapsed())).filter(|w| !w.is_zero())
+        {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {},
+                () = cancel.cancelled() => return,
+            }
+        }
         let started = Instant::now();
         let result = tokio::select! {
             r = sync_once(&ctx, &source, &mut state) => r,
             () = cancel.cancelled() => return,
         };
-        ctx.metrics.controllers.reconcile_duration.get_or_create(&controller).observe(started.elapsed().as_secs_f64());
-        match &result {
-            Ok(pass) => {
-                let labels = source_labels(&source);
-                ctx.metrics.locks.held.get_or_create(&labels).set(i64::from(pass.locks));
-                let now = Timestamp::now().as_nanosecond();
-                let oldest =
-                    state.table.values().filter_map(|r| r.info.created.as_deref().and_then(crate::lock_record::parse_created)).min();
-                ctx.metrics.locks.oldest_age.get_or_create(&labels).set(oldest.map_or(0, |c| ((now - c).max(0) / 1_000_000_000) as i64));
-            }
-            Err(e) => {
-                let category = e.category().as_str().to_owned();
-                ctx.metrics.controllers.reconcile_errors.get_or_create(&ErrorLabels { controller: ControllerName::mirror, category }).inc();
-            }
+        observe_pass(&ctx, &source, &state, started, &result);
+        if let Err(SyncError::Stream(e)) = &result {
+            count_stream_error(&ctx, &source, e);
+            close_stream_if_needed(&source, &mut state, e);
         }
-        let status = match &result {
-            Ok(pass) => ready_status(
-                &source,
-                state.mode,
-                true,
-                "Synced",
-                format!("read {} items ({} locks) in {} pages", pass.items, pass.locks, pass.pages),
-                Some(pass.locks),
-            ),
-            Err(e) => {
-                warn!(error = %e, reason = e.reason(), "sync pass failed; StateLocks left as they were");
-                ready_status(&source, state.mode, false, e.reason(), e.to_string(), None)
-            }
-        };
-        if let Err(e) = write_source_status(&ctx, &source, status, result.is_ok(), &mut state).await {
-            warn!(error = %e, "failed to write LockSource status");
-        }
-        if result.is_ok() && state.stream.is_some() {
-            // Follow the stream until the next pass is due.
-            let until = Instant::now() + interval;
-            while Instant::now() < until {
-                tokio::select! {
-                    () = tokio::time::sleep(STREAM_POLL) => {},
-                    () = cancel.cancelled() => return,
-                }
-                if let Err(e) = follow_stream(&ctx, &source, &mut state).await {
-                    warn!(error = %e, reason = e.reason(), "stream failed; falling back to a full scan");
-                    state.stream = None;
-                    break;
-                }
+        report(&ctx, &source, &mut state, &result).await;
+        if state.stream.is_some() && !state.catching_up {
+            // A failed write is retried while following; the stream is never left unread.
+            if follow(&ctx, &source, &mut state, Pace { interval, idle_poll }, &mut nudges, &cancel, result.is_err()).await.is_break() {
+                return;
             }
         } else {
             // A transient failure is tried again soon; anything else at the next pass.
@@ -417,6 +496,216 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
     }
 }
 
+fn observe_pass(ctx: &Context, source: &LockSource, state: &SourceState, started: Instant, result: &Result<PassSummary, SyncError>) {
+    let controller = ControllerLabels { controller: ControllerName::mirror };
+    ctx.metrics.controllers.reconcile_duration.get_or_create(&controller).observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(pass) => {
+            let labels = source_labels(source);
+            ctx.metrics.locks.held.get_or_create(&labels).set(i64::from(pass.locks));
+            let now = Timestamp::now().as_nanosecond();
+            let oldest = state.table.values().filter_map(|r| r.info.created.as_deref().and_then(crate::lock_record::parse_created)).min();
+            ctx.metrics.locks.oldest_age.get_or_create(&labels).set(oldest.map_or(0, |c| ((now - c).max(0) / 1_000_000_000) as i64));
+        }
+        Err(e) => {
+            let category = e.category().as_str().to_owned();
+            ctx.metrics.controllers.reconcile_errors.get_or_create(&ErrorLabels { controller: ControllerName::mirror, category }).inc();
+        }
+    }
+}
+
+/// The Ready condition for a pass's outcome.
+async fn report(ctx: &Context, source: &LockSource, state: &mut SourceState, result: &Result<PassSummary, SyncError>) {
+    let status = match result {
+        Ok(pass) => {
+            let what = format!("read {} items ({} locks) in {} pages", pass.items, pass.locks, pass.pages);
+            match &state.stream_refused_until {
+                Some((_, why)) if state.mode == Some(SyncMode::Scan) => ready_status(
+                    source,
+                    state.mode,
+                    true,
+                    "ScanFallback",
+                    format!("{what}; scanning every {} because the table's stream cannot be read: {why}", source.spec.sync.interval),
+                    Some(pass.locks),
+                ),
+                _ => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, reason = e.reason(), "sync pass failed; StateLocks left as they were");
+            ready_status(source, state.mode, false, e.reason(), e.to_string(), None)
+        }
+    };
+    let ok = result.is_ok();
+    if let Err(e) = write_source_status(ctx, source, status, ok, state).await {
+        warn!(error = %e, "failed to write LockSource status");
+    }
+}
+
+/// How often passes run (`interval`) and the stream is polled (`idle_poll`).
+#[derive(Clone, Copy)]
+struct Pace {
+    interval: Duration,
+    idle_poll: Duration,
+}
+
+/// Follow the stream until the next pass is due (`interval`), the stream must be reopened, or
+/// the task is cancelled (`Break`). Stream errors are retried with backoff and the position kept;
+/// they are reported on the LockSource, and they never cause a Scan by themselves.
+async fn follow(
+    ctx: &Context,
+    source: &LockSource,
+    state: &mut SourceState,
+    pace: Pace,
+    nudges: &mut watch::Receiver<u64>,
+    cancel: &CancellationToken,
+    mut dirty: bool,
+) -> std::ops::ControlFlow<()> {
+    use std::ops::ControlFlow::{Break, Continue};
+    let Pace { interval, idle_poll } = pace;
+    let until = Instant::now() + interval;
+    let mut last_arn_check = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_secs(30));
+    let mut trouble: Option<Duration> = None;
+    // `dirty`: records applied to the table but not yet reconciled (a failed write is retried).
+    nudges.borrow_and_update();
+    while Instant::now() < until {
+        let delay = trouble.unwrap_or(idle_poll);
+        tokio::select! {
+            () = tokio::time::sleep(delay.min(until.saturating_duration_since(Instant::now()))) => {},
+            r = nudges.changed(), if trouble.is_none() => if r.is_err() { return Break(()) },
+            () = cancel.cancelled() => return Break(()),
+        }
+        if Instant::now() >= until && !dirty {
+            break;
+        }
+        let polled = follow_stream(ctx, source, state).await;
+        take_stream_calls(ctx, source, state);
+        match polled {
+            Ok(changed) => {
+                if changed || dirty {
+                    match reconcile(ctx, source, state).await {
+                        Ok(locks) => {
+                            dirty = false;
+                            ctx.metrics.locks.held.get_or_create(&source_labels(source)).set(i64::from(locks));
+                        }
+                        Err(e) => {
+                            dirty = true;
+                            let result = Err(e);
+                            observe_pass(ctx, source, state, Instant::now(), &result);
+                            report(ctx, source, state, &result).await;
+                            trouble = Some(
+                                result.as_ref().err().map_or(RETRY_SOON, |e| e.category().retry_after().max(RETRY_SOON)).min(interval),
+                            );
+                            continue;
+                        }
+                    }
+                }
+                if trouble.take().is_some() {
+                    backoff = Backoff::new(Duration::from_secs(30));
+                    let summary =
+                        PassSummary { items: state.items, locks: i32::try_from(state.table.len()).unwrap_or(i32::MAX), pages: state.pages };
+                    report(ctx, source, state, &Ok(summary)).await;
+                }
+            }
+            Err(SyncError::Stream(e)) => {
+                count_stream_error(ctx, source, &e);
+                if close_stream_if_needed(source, state, &e) {
+                    return Continue(());
+                }
+                match e.failure {
+                    StreamFailure::Throttled | StreamFailure::Unavailable => {
+                        let wait = backoff.step();
+                        warn!(error = %e, retry_in = ?wait, "stream read failed; retrying with the position kept");
+                        report(ctx, source, state, &Err(SyncError::Stream(e))).await;
+                        trouble = Some(wait);
+                    }
+                    _ => {
+                        // Denied in Streams mode (Auto scans instead, above).
+                        let wait = backoff.step().max(Duration::from_secs(5));
+                        warn!(error = %e, retry_in = ?wait, "the stream cannot be read");
+                        report(ctx, source, state, &Err(SyncError::Stream(e))).await;
+                        trouble = Some(wait);
+                    }
+                }
+            }
+            Err(e) => {
+                // A read the stream asked for (KEYS_ONLY) failed: everything else was applied
+                // and the item is read again at the next poll; reconcile soon.
+                dirty = true;
+                let wait = e.category().retry_after().min(interval);
+                let result = Err(e);
+                observe_pass(ctx, source, state, Instant::now(), &result);
+                report(ctx, source, state, &result).await;
+                trouble = Some(wait);
+            }
+        }
+        if last_arn_check.elapsed() >= ARN_CHECK {
+            last_arn_check = Instant::now();
+            if let Some(clients) = state.clients.clone() {
+                match dynamo::stream_arn(&clients.table, &source.spec.dynamodb.table_name).await {
+                    Ok(arn) if arn.as_deref() != state.stream.as_ref().map(StreamReader::arn) => {
+                        let now = arn.as_deref().unwrap_or("none");
+                        info!(stream = now, "the table's stream was replaced; reopening it");
+                        state.stream_closed = Some(format!("the table's latest stream is now {now}"));
+                        state.stream = None;
+                        return Continue(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "could not check the table's stream ARN"),
+                }
+            }
+        }
+    }
+    Continue(())
+}
+
+fn count_stream_error(ctx: &Context, source: &LockSource, e: &StreamError) {
+    let labels =
+        StreamCallLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any(), call: e.call.as_str().into() };
+    ctx.metrics.locks.stream_errors.get_or_create(&labels).inc();
+}
+
+/// Close the stream when this failure means it cannot be followed from where it is: it is gone
+/// or replaced, or the position was lost (reopened, with a Scan), or in Auto mode it may not be
+/// read (scanned instead, and tried again later). True when closed.
+fn close_stream_if_needed(source: &LockSource, state: &mut SourceState, e: &StreamError) -> bool {
+    match e.failure {
+        StreamFailure::Gone | StreamFailure::PositionLost | StreamFailure::IteratorExpired => {
+            warn!(error = %e, "the stream must be reopened; the table is scanned again");
+            state.stream_closed = Some(e.to_string());
+        }
+        StreamFailure::Denied if source.spec.sync.mode == SyncMode::Auto => {
+            warn!(error = %e, "the stream cannot be read; Auto mode scans instead");
+            state.stream_refused_until = Some((Instant::now() + REFUSED_RETRY, e.to_string()));
+        }
+        _ => return false,
+    }
+    state.stream = None;
+    state.catching_up = false;
+    true
+}
+
+fn take_stream_calls(ctx: &Context, source: &LockSource, state: &mut SourceState) {
+    let Some(reader) = state.stream.as_mut() else { return };
+    let calls = reader.take_calls();
+    for call in StreamCall::ALL {
+        let n = calls.get(call);
+        if n > 0 {
+            ctx.stream_requests.fetch_add(n, Ordering::Relaxed);
+            ctx.metrics
+                .locks
+                .stream_requests
+                .get_or_create(&StreamCallLabels {
+                    namespace: source.namespace().unwrap_or_default(),
+                    source: source.name_any(),
+                    call: call.as_str().into(),
+                })
+                .inc_by(n);
+        }
+    }
+}
+
 struct PassSummary {
     items: usize,
     locks: i32,
@@ -427,90 +716,170 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     // The shared clients; new ones (another spec or rotated credentials) reopen the stream.
     let clients = ctx.cluster.aws.get(&ctx.client, &ctx.tenancy, source).await?;
     if state.clients.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &clients)) {
+        if state.stream.is_some() {
+            info!("the LockSource's AWS clients changed (spec or credentials); reopening the stream");
+        }
         state.clients = Some(clients.clone());
         state.stream = None;
     }
     let table = &source.spec.dynamodb.table_name;
+    if state.stream_refused_until.as_ref().is_some_and(|(t, _)| Instant::now() >= *t) {
+        state.stream_refused_until = None;
+    }
 
     // Pick the mode; open the stream before scanning so that no change falls in between.
-    let mut full_scan = state.last_full_scan.is_none_or(|t| t.elapsed() >= STREAMS_FULL_RESYNC);
+    let mut cause = (state.last_full_scan.is_none_or(|t| t.elapsed() >= STREAMS_FULL_RESYNC)).then_some("SafetyNet");
     match source.spec.sync.mode {
         SyncMode::Scan => {
             state.mode = Some(SyncMode::Scan);
-            full_scan = true;
+            cause = Some("ScanMode");
+        }
+        SyncMode::Auto if state.stream_refused_until.is_some() => {
+            state.mode = Some(SyncMode::Scan);
+            cause = Some("ScanMode");
         }
         wanted if state.stream.is_none() => match dynamo::stream_arn(&clients.table, table).await? {
             Some(arn) => {
-                state.stream = Some(StreamReader::open(clients.streams.clone(), arn).await?);
-                state.mode = Some(SyncMode::Streams);
-                full_scan = true;
+                let opened = match StreamReader::open(clients.streams.clone(), arn).await {
+                    Err(e) if e.failure == StreamFailure::Denied && wanted == SyncMode::Auto => {
+                        count_stream_error(ctx, source, &e);
+                        close_stream_if_needed(source, state, &e);
+                        None
+                    }
+                    other => Some(other?),
+                };
+                state.mode = Some(if opened.is_some() { SyncMode::Streams } else { SyncMode::Scan });
+                state.stream = opened;
+                take_stream_calls(ctx, source, state);
+                cause = Some(if state.stream.is_some() { "StreamOpened" } else { "ScanMode" });
+                state.stream_closed = None;
             }
             None if wanted == SyncMode::Streams => return Err(SyncError::StreamNotEnabled { table: table.clone() }),
             None => {
                 state.mode = Some(SyncMode::Scan);
-                full_scan = true;
+                cause = Some("ScanMode");
             }
         },
         _ => {}
     }
-    if full_scan {
-        let scan = dynamo::scan_table(&clients.table, table).await?;
+    if let Some(cause) = cause {
+        // Strongly consistent: a lagging replica must not answer with a state older than one
+        // the stream already delivered.
+        info!(cause, "reading the whole table (strongly consistent Scan)");
+        let scan = dynamo::scan_table(&clients.table, table, true).await?;
         ctx.add_read_units(source, scan.read_units);
+        ctx.metrics
+            .locks
+            .full_scans
+            .get_or_create(&ScanLabels {
+                namespace: source.namespace().unwrap_or_default(),
+                source: source.name_any(),
+                cause: cause.into(),
+            })
+            .inc();
         state.table.clear();
+        state.unread.clear();
         for item in &scan.items {
-            match dynamo::lock_item::parse_item(item) {
-                TableItem::Lock(r) => {
-                    state.table.insert(r.lock_id.clone(), *r);
-                }
-                TableItem::Digest { .. } => {}
-                TableItem::Unusable { reason } => warn!(%reason, "skipping an item that is not a lock"),
-            }
+            apply_item(&mut state.table, item);
         }
         state.items = scan.items.len();
         state.pages = scan.pages;
         state.last_full_scan = Some(Instant::now());
+        state.catching_up = state.stream.is_some();
+    }
+    // The stream position was taken before the Scan: replay what it holds on top of the Scan
+    // until it is quiet, and only then write, so that no intermediate (older) state of an item is
+    // ever shown. A failed read leaves `catching_up` set: the next pass goes on from there. See
+    // the README ("Why the mirror is right").
+    if state.catching_up {
+        for _ in 0..CATCH_UP_POLLS {
+            let quiet = catch_up(ctx, source, state).await;
+            take_stream_calls(ctx, source, state);
+            if quiet? {
+                break;
+            }
+        }
+        state.catching_up = false;
     }
     let locks = reconcile(ctx, source, state).await?;
     Ok(PassSummary { items: state.items, locks, pages: state.pages })
 }
 
-/// Apply what the stream says, and reconcile when something changed.
-async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<(), SyncError> {
-    let Some(reader) = state.stream.as_mut() else { return Ok(()) };
-    let changes = reader.poll().await?;
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let table = source.spec.dynamodb.table_name.clone();
-    for change in changes {
-        let item = match change {
-            ItemChange::Put(item) => Some(item),
-            ItemChange::Removed(lock_id) => {
-                state.table.remove(&lock_id);
-                None
+fn apply_item(table: &mut BTreeMap<String, LockRecord>, item: &HashMap<String, aws_sdk_dynamodb::types::AttributeValue>) {
+    match dynamo::lock_item::parse_item(item) {
+        TableItem::Lock(r) => {
+            table.insert(r.lock_id.clone(), *r);
+        }
+        other => {
+            // Whatever the item is now, it is no longer the lock it may have been.
+            if let Some(id) = item.get("LockID").and_then(|v| v.as_s().ok()) {
+                table.remove(id);
             }
-            ItemChange::Touched(lock_id) => {
-                let Some(clients) = &state.clients else { continue };
-                let (item, units) = dynamo::get_item(&clients.table, &table, &lock_id).await?;
-                ctx.add_read_units(source, units);
-                if item.is_none() {
-                    state.table.remove(&lock_id);
-                }
-                item
-            }
-        };
-        if let Some(item) = item {
-            match dynamo::lock_item::parse_item(&item) {
-                TableItem::Lock(r) => {
-                    state.table.insert(r.lock_id.clone(), *r);
-                }
-                TableItem::Digest { .. } => {}
-                TableItem::Unusable { reason } => warn!(%reason, "skipping an item that is not a lock"),
+            if let TableItem::Unusable { reason } = other {
+                warn!(%reason, "skipping an item that is not a lock");
             }
         }
     }
-    reconcile(ctx, source, state).await?;
-    Ok(())
+}
+
+/// Read one page of every readable shard into the table; true when the stream was quiet.
+async fn catch_up(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<bool, SyncError> {
+    let Some(reader) = state.stream.as_mut() else { return Ok(true) };
+    let outcome = reader.poll().await?;
+    apply_changes(ctx, source, state, outcome.changes).await?;
+    Ok(outcome.quiet)
+}
+
+/// Apply what the stream says to the table in memory; true when something arrived.
+async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<bool, SyncError> {
+    let Some(reader) = state.stream.as_mut() else { return Ok(false) };
+    let outcome = reader.poll().await?;
+    let changed = !outcome.changes.is_empty();
+    apply_changes(ctx, source, state, outcome.changes).await?;
+    Ok(changed)
+}
+
+/// Apply what the stream says to the table in memory. An item a KEYS_ONLY record names is read
+/// (strongly consistent, so any later read gives its latest state); one that cannot be read now
+/// is remembered and read again first on the next call, and the rest is applied all the same.
+async fn apply_changes(ctx: &Context, source: &LockSource, state: &mut SourceState, changes: Vec<ItemChange>) -> Result<(), SyncError> {
+    let table = source.spec.dynamodb.table_name.clone();
+    let mut first_error = None;
+    let retry: Vec<ItemChange> = std::mem::take(&mut state.unread).into_iter().map(ItemChange::Touched).collect();
+    for change in retry.into_iter().chain(changes) {
+        match change {
+            ItemChange::Put(item) => {
+                if let Some(id) = item.get("LockID").and_then(|v| v.as_s().ok()) {
+                    state.unread.remove(id);
+                }
+                apply_item(&mut state.table, &item);
+            }
+            ItemChange::Removed(lock_id) => {
+                state.unread.remove(&lock_id);
+                state.table.remove(&lock_id);
+            }
+            ItemChange::Touched(lock_id) => {
+                let Some(clients) = &state.clients else { continue };
+                match dynamo::get_item(&clients.table, &table, &lock_id).await {
+                    Ok((item, units)) => {
+                        ctx.add_read_units(source, units);
+                        state.unread.remove(&lock_id);
+                        match item {
+                            Some(item) => apply_item(&mut state.table, &item),
+                            None => {
+                                state.table.remove(&lock_id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        state.unread.insert(lock_id);
+                        first_error.get_or_insert(SyncError::from(e));
+                    }
+                }
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Plan against the StateLocks that exist and apply the plan; returns the lock count.
@@ -573,6 +942,8 @@ fn existing_lock(o: &StateLock) -> plan::ExistingLock {
     }
 }
 
+/// Apply a plan: removals first (they free quota for creations), then upserts; every write is
+/// tried even when another failed, and the first failure is returned.
 async fn execute(
     ctx: &Context,
     source: &LockSource,
@@ -582,65 +953,18 @@ async fn execute(
     written: &mut HashMap<String, Written>,
 ) -> Result<(), SyncError> {
     let ns = source.namespace().unwrap_or_default();
-    for u in &p.upserts {
-        ctx.ensure_leader()?;
-        let mut obj = existing.iter().find(|e| e.name_any() == u.name).cloned();
-        if u.write_spec {
-            if obj.is_none()
-                && let Some(created) = u.spec.lock_info.created.as_deref().and_then(crate::lock_record::parse_created)
-            {
-                let lag = (now.as_nanosecond() - created).max(0) as f64 / 1e9;
-                ctx.metrics.locks.mirror_lag.observe(lag);
-            }
-            obj = Some(
-                ctx.writer
-                    .apply_spec(source, &u.name, &u.spec)
-                    .await
-                    .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?,
-            );
-        }
-        let Some(current) = obj else { continue };
-        if u.write_conditions {
-            let old: &[Condition] = current.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-            let conditions: Vec<Condition> = u
-                .conditions
-                .iter()
-                .map(|c| {
-                    let kept = old.iter().find(|o| o.type_ == c.type_ && o.status == c.status).map(|o| o.last_transition_time.clone());
-                    Condition {
-                        type_: c.type_.into(),
-                        status: c.status.into(),
-                        reason: c.reason.into(),
-                        message: c.message.clone(),
-                        last_transition_time: kept.unwrap_or(Time(now)),
-                        observed_generation: current.metadata.generation,
-                    }
-                })
-                .collect();
-            let after = ctx
-                .writer
-                .apply_status(&ns, &u.name, reasons::MIRROR_MANAGER, json!({"conditions": conditions}))
-                .await
-                .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?;
-            written.insert(u.name.clone(), Written::Applied { lock: Box::new(after), mark: ctx.cluster.lock_list_mark() });
-        } else if u.write_spec {
-            written.insert(u.name.clone(), Written::Applied { lock: Box::new(current.clone()), mark: ctx.cluster.lock_list_mark() });
-        }
-        for e in &u.events {
-            publish(ctx, &current, e.reason, e.warning, &e.note).await;
+    let mut first_error: Option<SyncError> = None;
+    for r in &p.removals {
+        if let Err(e) = remove_one(ctx, &ns, existing, r, written).await {
+            warn!(error = %e, "a StateLock could not be removed; the others are written all the same");
+            first_error.get_or_insert(e);
         }
     }
-    for r in &p.removals {
-        ctx.ensure_leader()?;
-        if let Some(h) = r.held_for_secs.filter(|h| *h >= 0) {
-            ctx.metrics.locks.hold_duration.observe(h as f64);
+    for u in &p.upserts {
+        if let Err(e) = upsert_one(ctx, source, &ns, existing, u, now, written).await {
+            warn!(error = %e, "a StateLock could not be written; the others are written all the same");
+            first_error.get_or_insert(e);
         }
-        if let Some(obj) = existing.iter().find(|e| e.name_any() == r.name) {
-            let held = r.held_for_secs.map(crate::lock_record::human).unwrap_or_else(|| "an unknown time".into());
-            publish(ctx, obj, reasons::LOCK_RELEASED, false, &format!("lock on {} released after {held}", r.lock_id)).await;
-        }
-        ctx.writer.delete(&ns, &r.name, &r.uid).await.map_err(|error| SyncError::DeleteStateLock { name: r.name.clone(), error })?;
-        written.insert(r.name.clone(), Written::Deleted { uid: r.uid.clone() });
     }
     for (name, lock_id) in &p.collisions {
         warn!(%name, %lock_id, "two LockIDs map to one StateLock name; the second is not mirrored");
@@ -654,6 +978,84 @@ async fn execute(
             )
             .await;
         }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn remove_one(
+    ctx: &Context,
+    ns: &str,
+    existing: &[StateLock],
+    r: &plan::Removal,
+    written: &mut HashMap<String, Written>,
+) -> Result<(), SyncError> {
+    ctx.ensure_leader()?;
+    ctx.writer.delete(ns, &r.name, &r.uid).await.map_err(|error| SyncError::DeleteStateLock { name: r.name.clone(), error })?;
+    written.insert(r.name.clone(), Written::Deleted { uid: r.uid.clone() });
+    if let Some(h) = r.held_for_secs.filter(|h| *h >= 0) {
+        ctx.metrics.locks.hold_duration.observe(h as f64);
+    }
+    if let Some(obj) = existing.iter().find(|e| e.name_any() == r.name) {
+        let held = r.held_for_secs.map(crate::lock_record::human).unwrap_or_else(|| "an unknown time".into());
+        publish(ctx, obj, reasons::LOCK_RELEASED, false, &format!("lock on {} released after {held}", r.lock_id)).await;
+    }
+    Ok(())
+}
+
+async fn upsert_one(
+    ctx: &Context,
+    source: &LockSource,
+    ns: &str,
+    existing: &[StateLock],
+    u: &plan::Upsert,
+    now: Timestamp,
+    written: &mut HashMap<String, Written>,
+) -> Result<(), SyncError> {
+    ctx.ensure_leader()?;
+    let mut obj = existing.iter().find(|e| e.name_any() == u.name).cloned();
+    if u.write_spec {
+        if obj.is_none()
+            && let Some(created) = u.spec.lock_info.created.as_deref().and_then(crate::lock_record::parse_created)
+        {
+            let lag = (now.as_nanosecond() - created).max(0) as f64 / 1e9;
+            ctx.metrics.locks.mirror_lag.observe(lag);
+        }
+        obj = Some(
+            ctx.writer
+                .apply_spec(source, &u.name, &u.spec)
+                .await
+                .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?,
+        );
+    }
+    let Some(current) = obj else { return Ok(()) };
+    if u.write_conditions {
+        let old: &[Condition] = current.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let conditions: Vec<Condition> = u
+            .conditions
+            .iter()
+            .map(|c| {
+                let kept = old.iter().find(|o| o.type_ == c.type_ && o.status == c.status).map(|o| o.last_transition_time.clone());
+                Condition {
+                    type_: c.type_.into(),
+                    status: c.status.into(),
+                    reason: c.reason.into(),
+                    message: c.message.clone(),
+                    last_transition_time: kept.unwrap_or(Time(now)),
+                    observed_generation: current.metadata.generation,
+                }
+            })
+            .collect();
+        let after = ctx
+            .writer
+            .apply_status(ns, &u.name, reasons::MIRROR_MANAGER, json!({"conditions": conditions}))
+            .await
+            .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?;
+        written.insert(u.name.clone(), Written::Applied { lock: Box::new(after), mark: ctx.cluster.lock_list_mark() });
+    } else if u.write_spec {
+        written.insert(u.name.clone(), Written::Applied { lock: Box::new(current.clone()), mark: ctx.cluster.lock_list_mark() });
+    }
+    for e in &u.events {
+        publish(ctx, &current, e.reason, e.warning, &e.note).await;
     }
     Ok(())
 }

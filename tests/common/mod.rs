@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod streams_double;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
