@@ -40,7 +40,7 @@ struct Rig {
     /// A client through the double: its writes become stream records.
     db: aws_sdk_dynamodb::Client,
     cluster: TestCluster,
-    op: Operator,
+    op: Option<Operator>,
     /// StateLock creations per (LockID, Info ID), from a watch that starts before the operator.
     created: Arc<Mutex<HashMap<(String, String), u32>>>,
     watch: tokio::task::JoinHandle<()>,
@@ -91,7 +91,7 @@ impl Rig {
                        "sync": {"mode": mode, "interval": interval, "streamPollInterval": "100ms"}}),
             )
             .await;
-        let op = Operator::start(&cluster);
+        let op = Some(Operator::start(&cluster));
         Self { moto, double, db, cluster, op, created, watch, written: BTreeSet::new(), next: 0 }
     }
 
@@ -172,15 +172,29 @@ impl Rig {
         .await;
     }
 
+    fn op(&self) -> &Operator {
+        self.op.as_ref().expect("the operator runs")
+    }
+
+    /// Stop the operator and start a new one.
+    async fn restart(&mut self) {
+        if let Some(op) = self.op.take() {
+            op.stop().await;
+        }
+        self.op = Some(Operator::start(&self.cluster));
+    }
+
     /// The operator's log lines about the mirror (for failure messages).
     fn log(&self) -> String {
-        let path = self.cluster.dir.path().join(format!("operator-{}.log", self.op.admin_port));
+        let path = self.cluster.dir.path().join(format!("operator-{}.log", self.op().admin_port));
         let text = std::fs::read_to_string(path).unwrap_or_default();
         text.lines().filter(|l| !l.contains("DEBUG")).map(|l| l.chars().take(300).collect::<String>()).collect::<Vec<_>>().join("\n")
     }
 
-    async fn stop(self) {
-        self.op.stop().await;
+    async fn stop(mut self) {
+        if let Some(op) = self.op.take() {
+            op.stop().await;
+        }
         self.watch.abort();
     }
 }
@@ -257,7 +271,7 @@ async fn a_throttled_stream_is_reported_and_retried_without_scans() {
     // Retries, spaced by a backoff; none of them scans.
     rig.polls(4).await;
     assert_eq!(rig.double.calls("Scan"), scans, "a throttled stream never causes a Scan; log:\n{}", rig.log());
-    let metrics = rig.op.metrics();
+    let metrics = rig.op().metrics();
     assert!(
         common::metric(
             &metrics,
@@ -339,6 +353,32 @@ async fn a_second_locksource_on_the_same_table_is_refused_by_name_and_nothing_fl
     rig.matches_table("the second LockSource took over").await;
     let l = Api::<StateLock>::namespaced(rig.cluster.client(), NS).list(&ListParams::default()).await.expect("list");
     assert!(!l.items.is_empty() && l.items.iter().all(|l| l.spec.source == "also-prod"));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_scan_after_opening_the_stream_never_changes_statelocks() {
+    let mut rig = Rig::start("Streams").await;
+    rig.take().await;
+    let held = rig.take().await;
+    rig.converged("the start").await;
+    // A new leader (here: a restarted operator) opens the stream, and its Scan is refused: it
+    // must not write from the empty table it holds, nor from the stream alone.
+    rig.double.faults(|f| f.deny_scan = true);
+    let scans = rig.double.calls("Scan");
+    rig.restart().await;
+    rig.release(&held).await;
+    rig.take().await;
+    let ready = eventually(Duration::from_secs(60), "Ready=False after refused Scans", || async {
+        let c = rig.ready().await;
+        (c.status == "False" && rig.double.calls("Scan") >= scans + 2).then_some(c)
+    })
+    .await;
+    assert_eq!(ready.reason, "TableUnreadable", "{ready:?}");
+    assert!(ready.message.contains("AccessDenied"), "{}", ready.message);
+    assert_eq!(rig.mirrored().await.len(), 2, "StateLocks stay as they were while the table cannot be read");
+    rig.double.faults(|f| f.deny_scan = false);
+    rig.converged("the Scan allowed again").await;
     rig.stop().await;
 }
 

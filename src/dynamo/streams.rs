@@ -257,6 +257,9 @@ pub struct StreamReader {
     iterators: HashMap<String, String>,
     last_refresh: Instant,
     calls: StreamCalls,
+    /// Records read whose positions were taken but which were not handed out yet (a later call
+    /// of the same poll failed): handed out by the next poll that succeeds.
+    unread: Vec<ItemChange>,
 }
 
 impl StreamReader {
@@ -269,6 +272,7 @@ impl StreamReader {
             iterators: HashMap::new(),
             last_refresh: Instant::now(),
             calls: StreamCalls::default(),
+            unread: Vec::new(),
         };
         let shards = reader.shards().await?;
         reader.lineage = Lineage::at_open(&shards);
@@ -335,10 +339,10 @@ impl StreamReader {
         })
     }
 
-    /// Read one page from every shard that may be read now. On an error the positions read so
-    /// far are kept: polling again resumes where this stopped.
+    /// Read one page from every shard that may be read now. On an error the positions and the
+    /// records read so far are kept: the next poll that succeeds hands those records out first.
     pub async fn poll(&mut self) -> Result<PollOutcome, StreamError> {
-        let mut out = PollOutcome { changes: Vec::new(), quiet: true };
+        let mut out = PollOutcome { changes: Vec::new(), quiet: self.unread.is_empty() };
         let mut closed_any = false;
         for (shard, position) in self.lineage.readable() {
             let it = match self.iterators.get(&shard) {
@@ -385,9 +389,9 @@ impl StreamReader {
                 last = data.sequence_number.clone().or(last);
                 let key = data.keys.as_ref().and_then(|k| k.get("LockID")).and_then(|v| v.as_s().ok()).cloned();
                 match (rec.event_name, data.new_image, key) {
-                    (Some(OperationType::Remove), _, Some(k)) => out.changes.push(ItemChange::Removed(k)),
-                    (_, Some(img), _) => out.changes.push(ItemChange::Put(convert_map(img))),
-                    (_, None, Some(k)) => out.changes.push(ItemChange::Touched(k)),
+                    (Some(OperationType::Remove), _, Some(k)) => self.unread.push(ItemChange::Removed(k)),
+                    (_, Some(img), _) => self.unread.push(ItemChange::Put(convert_map(img))),
+                    (_, None, Some(k)) => self.unread.push(ItemChange::Touched(k)),
                     _ => {}
                 }
             }
@@ -424,6 +428,7 @@ impl StreamReader {
                 });
             }
         }
+        out.changes = std::mem::take(&mut self.unread);
         Ok(out)
     }
 }

@@ -12,7 +12,7 @@
 pub mod plan;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -72,6 +72,9 @@ pub struct Context {
     pub read_units_milli: AtomicU64,
     /// DynamoDB Streams requests made so far (every call; AWS bills each GetRecords).
     pub stream_requests: AtomicU64,
+    /// Per LockSource, the LockSources of its namespace refused in its favour (same table): it
+    /// keeps their StateLocks up to date as its own.
+    adopted: std::sync::Mutex<HashMap<SourceKey, BTreeSet<String>>>,
     /// The shared caches: LockSources to follow, and the StateLocks that exist.
     pub cluster: Arc<Cluster>,
     writer: LockWriter,
@@ -95,6 +98,7 @@ impl Context {
             tenancy,
             read_units_milli: AtomicU64::new(0),
             stream_requests: AtomicU64::new(0),
+            adopted: std::sync::Mutex::default(),
             cluster,
             writer,
         }
@@ -164,8 +168,18 @@ type SourceKey = (String, String);
 
 struct Running {
     fingerprint: String,
+    /// The table it mirrors.
+    table: TableKey,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// A table as LockSources of one namespace name it: (namespace, table, region, endpoint).
+type TableKey = (String, String, String, Option<String>);
+
+fn table_key(s: &LockSource) -> TableKey {
+    let d = &s.spec.dynamodb;
+    (s.namespace().unwrap_or_default(), d.table_name.clone(), d.region.clone(), d.endpoint.clone())
 }
 
 fn source_labels(source: &LockSource) -> SourceLabels {
@@ -200,15 +214,22 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
         changes.borrow_and_update();
         let wanted: HashMap<SourceKey, LockSource> = ctx.cluster.sources.state().iter().map(|s| (key(s), (**s).clone())).collect();
         let first_readers = first_readers(&wanted, &running);
+        // One StateLock per lock: a second LockSource on a table already mirrored into this
+        // namespace is refused, by name, and never runs; it is stopped before anything starts,
+        // and the first one adopts its StateLocks.
+        let mut adopted: HashMap<SourceKey, BTreeSet<String>> = HashMap::new();
+        for (k, first) in &first_readers {
+            stop(&mut running, k).await;
+            adopted.entry((k.0.clone(), first.clone())).or_default().insert(k.1.clone());
+            let src = &wanted[k];
+            if ctx.leader.is_leader() && refused.get(k) != Some(&(fingerprint(src), first.clone())) {
+                refuse_duplicate(&ctx, src, first).await;
+                refused.insert(k.clone(), (fingerprint(src), first.clone()));
+            }
+        }
+        *ctx.adopted.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = adopted;
         for (k, src) in &wanted {
-            // One StateLock per lock: a second LockSource on a table already mirrored into this
-            // namespace is refused, by name, and never runs.
-            if let Some(first) = first_readers.get(k) {
-                stop(&mut running, k).await;
-                if ctx.leader.is_leader() && refused.get(k) != Some(&(fingerprint(src), first.clone())) {
-                    refuse_duplicate(&ctx, src, first).await;
-                    refused.insert(k.clone(), (fingerprint(src), first.clone()));
-                }
+            if first_readers.contains_key(k) {
                 continue;
             }
             refused.remove(k);
@@ -322,17 +343,15 @@ fn fingerprint(src: &LockSource) -> String {
 /// table name, region and endpoint), the first one's name. The one mirroring now stays first;
 /// otherwise the older object (creation timestamps have second precision), then the name.
 fn first_readers(wanted: &HashMap<SourceKey, LockSource>, running: &HashMap<SourceKey, Running>) -> HashMap<SourceKey, String> {
-    let table_of = |s: &LockSource| {
-        let d = &s.spec.dynamodb;
-        (s.namespace().unwrap_or_default(), d.table_name.clone(), d.region.clone(), d.endpoint.clone())
-    };
-    let mut by_table: BTreeMap<_, Vec<&LockSource>> = BTreeMap::new();
+    let mut by_table: BTreeMap<TableKey, Vec<&LockSource>> = BTreeMap::new();
     for s in wanted.values() {
-        by_table.entry(table_of(s)).or_default().push(s);
+        by_table.entry(table_key(s)).or_default().push(s);
     }
     let mut out = HashMap::new();
-    for mut group in by_table.into_values().filter(|g| g.len() > 1) {
-        group.sort_by_key(|s| (!running.contains_key(&key(s)), s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
+    for (table, mut group) in by_table.into_iter().filter(|(_, g)| g.len() > 1) {
+        // Mirroring this very table now (not one edited to point at it).
+        let incumbent = |s: &LockSource| running.get(&key(s)).is_some_and(|r| r.table == table);
+        group.sort_by_key(|s| (!incumbent(s), s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
         let first = group[0].name_any();
         for s in &group[1..] {
             out.insert(key(s), first.clone());
@@ -365,10 +384,11 @@ async fn ensure(ctx: &Arc<Context>, running: &mut HashMap<SourceKey, Running>, s
         return;
     }
     stop(running, &k).await;
+    let table = table_key(&src);
     let cancel = CancellationToken::new();
     let span = info_span!("locksource", namespace = %k.0, name = %k.1, table = %src.spec.dynamodb.table_name);
     let task = tokio::spawn(sync_source(ctx.clone(), src, cancel.clone()).instrument(span));
-    running.insert(k, Running { fingerprint, cancel, task });
+    running.insert(k, Running { fingerprint, table, cancel, task });
 }
 
 async fn stop(running: &mut HashMap<SourceKey, Running>, k: &SourceKey) {
@@ -390,6 +410,9 @@ struct SourceState {
     stream_closed: Option<String>,
     /// Auto mode: the stream was refused (permissions); Scan until then.
     stream_refused_until: Option<(Instant, String)>,
+    /// The table in memory comes from a full Scan that succeeded after the stream followed now
+    /// (if any) was opened. Until then nothing is written.
+    scanned: bool,
     /// A full Scan was applied and the stream has not been read until quiet since: nothing may
     /// be written yet (the table may hold an intermediate state of some item).
     catching_up: bool,
@@ -429,8 +452,10 @@ const REOPEN_SPACING: Duration = Duration::from_secs(15);
 /// Auto mode retries a refused stream this long after the refusal.
 const REFUSED_RETRY: Duration = Duration::from_secs(3600);
 /// After opening a stream and scanning, the stream is read until it is quiet before anything is
-/// written, at most this many polls.
-const CATCH_UP_POLLS: usize = 20;
+/// written: at most this many polls, this far apart, and not before CATCH_UP_SETTLE after the Scan.
+const CATCH_UP_POLLS: usize = 40;
+const CATCH_UP_PACE: Duration = Duration::from_millis(200);
+const CATCH_UP_SETTLE: Duration = Duration::from_secs(1);
 
 /// Exponential backoff for repeated stream errors: 0.5 s doubling to `max`.
 struct Backoff {
@@ -477,7 +502,7 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
             close_stream_if_needed(&source, &mut state, e);
         }
         report(&ctx, &source, &mut state, &result).await;
-        if state.stream.is_some() && !state.catching_up {
+        if state.stream.is_some() && state.scanned && !state.catching_up {
             // A failed write is retried while following; the stream is never left unread.
             if follow(&ctx, &source, &mut state, Pace { interval, idle_poll }, &mut nudges, &cancel, result.is_err()).await.is_break() {
                 return;
@@ -565,80 +590,29 @@ async fn follow(
     let Pace { interval, idle_poll } = pace;
     let until = Instant::now() + interval;
     let mut last_arn_check = Instant::now();
+    let mut last_poll = Instant::now();
     let mut backoff = Backoff::new(Duration::from_secs(30));
+    // A stream error: polls wait for the backoff, and nudges are ignored.
     let mut trouble: Option<Duration> = None;
-    // `dirty`: records applied to the table but not yet reconciled (a failed write is retried).
+    // `dirty`: records applied to the table but not written yet; a failed write is tried again
+    // at `retry_at`, while polling goes on at its own pace.
+    let mut retry_at = Instant::now();
     nudges.borrow_and_update();
     while Instant::now() < until {
         let delay = trouble.unwrap_or(idle_poll);
         tokio::select! {
             () = tokio::time::sleep(delay.min(until.saturating_duration_since(Instant::now()))) => {},
-            r = nudges.changed(), if trouble.is_none() => if r.is_err() { return Break(()) },
+            r = nudges.changed(), if trouble.is_none() => {
+                if r.is_err() {
+                    return Break(());
+                }
+                // Nudges never poll faster than every 100 ms.
+                tokio::time::sleep(RETRY_SOON.saturating_sub(last_poll.elapsed())).await;
+            }
             () = cancel.cancelled() => return Break(()),
         }
         if Instant::now() >= until && !dirty {
             break;
-        }
-        let polled = follow_stream(ctx, source, state).await;
-        take_stream_calls(ctx, source, state);
-        match polled {
-            Ok(changed) => {
-                if changed || dirty {
-                    match reconcile(ctx, source, state).await {
-                        Ok(locks) => {
-                            dirty = false;
-                            ctx.metrics.locks.held.get_or_create(&source_labels(source)).set(i64::from(locks));
-                        }
-                        Err(e) => {
-                            dirty = true;
-                            let result = Err(e);
-                            observe_pass(ctx, source, state, Instant::now(), &result);
-                            report(ctx, source, state, &result).await;
-                            trouble = Some(
-                                result.as_ref().err().map_or(RETRY_SOON, |e| e.category().retry_after().max(RETRY_SOON)).min(interval),
-                            );
-                            continue;
-                        }
-                    }
-                }
-                if trouble.take().is_some() {
-                    backoff = Backoff::new(Duration::from_secs(30));
-                    let summary =
-                        PassSummary { items: state.items, locks: i32::try_from(state.table.len()).unwrap_or(i32::MAX), pages: state.pages };
-                    report(ctx, source, state, &Ok(summary)).await;
-                }
-            }
-            Err(SyncError::Stream(e)) => {
-                count_stream_error(ctx, source, &e);
-                if close_stream_if_needed(source, state, &e) {
-                    return Continue(());
-                }
-                match e.failure {
-                    StreamFailure::Throttled | StreamFailure::Unavailable => {
-                        let wait = backoff.step();
-                        warn!(error = %e, retry_in = ?wait, "stream read failed; retrying with the position kept");
-                        report(ctx, source, state, &Err(SyncError::Stream(e))).await;
-                        trouble = Some(wait);
-                    }
-                    _ => {
-                        // Denied in Streams mode (Auto scans instead, above).
-                        let wait = backoff.step().max(Duration::from_secs(5));
-                        warn!(error = %e, retry_in = ?wait, "the stream cannot be read");
-                        report(ctx, source, state, &Err(SyncError::Stream(e))).await;
-                        trouble = Some(wait);
-                    }
-                }
-            }
-            Err(e) => {
-                // A read the stream asked for (KEYS_ONLY) failed: everything else was applied
-                // and the item is read again at the next poll; reconcile soon.
-                dirty = true;
-                let wait = e.category().retry_after().min(interval);
-                let result = Err(e);
-                observe_pass(ctx, source, state, Instant::now(), &result);
-                report(ctx, source, state, &result).await;
-                trouble = Some(wait);
-            }
         }
         if last_arn_check.elapsed() >= ARN_CHECK {
             last_arn_check = Instant::now();
@@ -649,11 +623,74 @@ async fn follow(
                         info!(stream = now, "the table's stream was replaced; reopening it");
                         state.stream_closed = Some(format!("the table's latest stream is now {now}"));
                         state.stream = None;
+                        state.scanned = false;
+                        state.catching_up = false;
                         return Continue(());
                     }
                     Ok(_) => {}
-                    Err(e) => warn!(error = %e, "could not check the table's stream ARN"),
+                    Err(e) => {
+                        // The stream is still read; say that the table itself could not be.
+                        warn!(error = %e, "could not check the table's stream ARN");
+                        report(ctx, source, state, &Err(SyncError::Dynamo(e))).await;
+                    }
                 }
+            }
+        }
+        last_poll = Instant::now();
+        let polled = follow_stream(ctx, source, state).await;
+        take_stream_calls(ctx, source, state);
+        match polled {
+            Ok(changed) => {
+                let recovered = trouble.take().is_some();
+                if recovered {
+                    backoff = Backoff::new(Duration::from_secs(30));
+                }
+                if changed || (dirty && Instant::now() >= retry_at) {
+                    match reconcile(ctx, source, state).await {
+                        Ok(locks) => {
+                            dirty = false;
+                            ctx.metrics.locks.held.get_or_create(&source_labels(source)).set(i64::from(locks));
+                            if recovered {
+                                let summary = PassSummary { items: state.items, locks, pages: state.pages };
+                                report(ctx, source, state, &Ok(summary)).await;
+                            }
+                        }
+                        Err(e) => {
+                            dirty = true;
+                            retry_at = Instant::now() + e.category().retry_after().max(RETRY_SOON).min(interval);
+                            let result = Err(e);
+                            observe_pass(ctx, source, state, Instant::now(), &result);
+                            report(ctx, source, state, &result).await;
+                        }
+                    }
+                } else if recovered && !dirty {
+                    let locks = i32::try_from(state.table.len()).unwrap_or(i32::MAX);
+                    report(ctx, source, state, &Ok(PassSummary { items: state.items, locks, pages: state.pages })).await;
+                }
+            }
+            Err(SyncError::Stream(e)) => {
+                count_stream_error(ctx, source, &e);
+                if close_stream_if_needed(source, state, &e) {
+                    return Continue(());
+                }
+                // Throttled or unavailable: retried with the position kept. Denied in Streams
+                // mode (Auto scans instead): retried less often.
+                let wait = match e.failure {
+                    StreamFailure::Throttled | StreamFailure::Unavailable => backoff.step(),
+                    _ => backoff.step().max(Duration::from_secs(5)),
+                };
+                warn!(error = %e, retry_in = ?wait, "stream read failed; retrying with the position kept");
+                report(ctx, source, state, &Err(SyncError::Stream(e))).await;
+                trouble = Some(wait);
+            }
+            Err(e) => {
+                // A read the stream asked for (KEYS_ONLY) failed: everything else was applied
+                // and the item is read again at the next poll; write once it is read.
+                dirty = true;
+                let result = Err(e);
+                observe_pass(ctx, source, state, Instant::now(), &result);
+                report(ctx, source, state, &result).await;
+                trouble = Some(backoff.step());
             }
         }
     }
@@ -682,6 +719,7 @@ fn close_stream_if_needed(source: &LockSource, state: &mut SourceState, e: &Stre
         _ => return false,
     }
     state.stream = None;
+    state.scanned = false;
     state.catching_up = false;
     true
 }
@@ -721,6 +759,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
         }
         state.clients = Some(clients.clone());
         state.stream = None;
+        state.scanned = false;
     }
     let table = &source.spec.dynamodb.table_name;
     if state.stream_refused_until.as_ref().is_some_and(|(t, _)| Instant::now() >= *t) {
@@ -728,7 +767,13 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     }
 
     // Pick the mode; open the stream before scanning so that no change falls in between.
-    let mut cause = (state.last_full_scan.is_none_or(|t| t.elapsed() >= STREAMS_FULL_RESYNC)).then_some("SafetyNet");
+    // `scanned` says the table in memory comes from a Scan that succeeded after the stream
+    // followed now was opened: until then nothing is written, whatever fails in between.
+    let mut cause = if !state.scanned {
+        Some("StreamOpened")
+    } else {
+        state.last_full_scan.is_none_or(|t| t.elapsed() >= STREAMS_FULL_RESYNC).then_some("SafetyNet")
+    };
     match source.spec.sync.mode {
         SyncMode::Scan => {
             state.mode = Some(SyncMode::Scan);
@@ -750,6 +795,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
                 };
                 state.mode = Some(if opened.is_some() { SyncMode::Streams } else { SyncMode::Scan });
                 state.stream = opened;
+                state.scanned = false;
                 take_stream_calls(ctx, source, state);
                 cause = Some(if state.stream.is_some() { "StreamOpened" } else { "ScanMode" });
                 state.stream_closed = None;
@@ -785,19 +831,30 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
         state.items = scan.items.len();
         state.pages = scan.pages;
         state.last_full_scan = Some(Instant::now());
+        state.scanned = true;
         state.catching_up = state.stream.is_some();
     }
     // The stream position was taken before the Scan: replay what it holds on top of the Scan
     // until it is quiet, and only then write, so that no intermediate (older) state of an item is
-    // ever shown. A failed read leaves `catching_up` set: the next pass goes on from there. See
-    // the README ("Why the mirror is right").
+    // ever shown. Quiet: every shard answered an empty page, at least CATCH_UP_SETTLE after the
+    // Scan ended (records reach the stream shortly after their write). A failed read leaves
+    // `catching_up` set: the next pass goes on from there. See the README ("Why the mirror is
+    // right").
     if state.catching_up {
+        let scan_ended = state.last_full_scan.unwrap_or_else(Instant::now);
+        let mut quiet = false;
         for _ in 0..CATCH_UP_POLLS {
-            let quiet = catch_up(ctx, source, state).await;
+            let polled = catch_up(ctx, source, state).await;
             take_stream_calls(ctx, source, state);
-            if quiet? {
+            if polled? && scan_ended.elapsed() >= CATCH_UP_SETTLE {
+                quiet = true;
                 break;
             }
+            // Paced: GetRecords allows about five calls a second per shard.
+            tokio::time::sleep(CATCH_UP_PACE).await;
+        }
+        if !quiet {
+            warn!(polls = CATCH_UP_POLLS, "the stream did not go quiet after the Scan; writing what it says so far");
         }
         state.catching_up = false;
     }
@@ -897,12 +954,15 @@ async fn reconcile(ctx: &Context, source: &LockSource, state: &mut SourceState) 
 /// This source's StateLocks: the shared cache, corrected by the writes it has not caught up with.
 fn existing_locks(ctx: &Context, source: &LockSource, written: &mut HashMap<String, Written>) -> Vec<StateLock> {
     let (ns, name) = (source.namespace().unwrap_or_default(), source.name_any());
+    let adopted =
+        ctx.adopted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&(ns.clone(), name.clone())).cloned().unwrap_or_default();
+    let ours = |label: Option<&String>| label.is_some_and(|l| *l == name || adopted.contains(l));
     let mut by_name: BTreeMap<String, StateLock> = ctx
         .cluster
         .locks
         .state()
         .iter()
-        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && l.labels().get(reasons::SOURCE_LABEL) == Some(&name))
+        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && ours(l.labels().get(reasons::SOURCE_LABEL)))
         .map(|l| (l.name_any(), (**l).clone()))
         .collect();
     written.retain(|lock_name, w| match w {

@@ -67,6 +67,8 @@ pub struct Faults {
     pub empty_next: u64,
     /// GetRecords on these shards returns empty pages without moving (a lagging shard).
     pub stalled: std::collections::HashSet<String>,
+    /// Every Scan fails with AccessDeniedException (a role allowed the stream but not Scan).
+    pub deny_scan: bool,
 }
 
 #[derive(Default)]
@@ -294,6 +296,9 @@ async fn handle(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> 
     }
     if !target.starts_with(TABLE_PREFIX) {
         return error(StatusCode::BAD_REQUEST, "UnknownOperationException", "unknown operation");
+    }
+    if op == "Scan" && st.inner.lock().expect("double").faults.deny_scan {
+        return error(StatusCode::BAD_REQUEST, "AccessDeniedException", "not authorized to perform: dynamodb:Scan");
     }
     let write = matches!(op.as_str(), "PutItem" | "DeleteItem" | "UpdateItem" | "BatchWriteItem");
     let _serial = if write { Some(st.writes.lock().await) } else { None };
