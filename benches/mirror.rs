@@ -105,7 +105,7 @@ async fn lags(
         put_lock(client, table, i, prefix).await;
         let t = Instant::now();
         if let Some(c) = nudge {
-            c.nudges.nudge(table);
+            c.nudges.nudge("default", "bench");
         }
         written.push((lock_id(prefix, i), t));
         tokio::time::sleep(gap).await;

@@ -433,7 +433,7 @@ async fn environment() -> Arc<Env> {
             "chaos",
             json!({
                 "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": url},
-                "sync": {"mode": "Streams", "interval": "1s", "streamPollInterval": "100ms"},
+                "sync": {"mode": sync_mode(), "interval": "1s", "streamPollInterval": "100ms"},
                 "holders": {"namespaces": [RUNNERS], "hostnamePattern": "runner-[0-9]+-[0-9]+"},
                 "expiry": {"mode": "Release", "gracePeriod": "1s", "skewTolerance": "2s"},
                 "gateway": {"allowedSourceRanges": ["127.0.0.1/32"]}
@@ -950,6 +950,11 @@ fn history(instances: &[Instance], deletions: &[Deletion], seed: u64) -> String 
 
 fn humantime(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+/// The mirror's sync mode: Streams (the stream faults act), or `STATELOCK_CHAOS_SYNC_MODE=Scan`.
+fn sync_mode() -> String {
+    std::env::var("STATELOCK_CHAOS_SYNC_MODE").unwrap_or_else(|_| "Streams".into())
 }
 
 /// Seeds to run: a fixed set in CI, more on request.

@@ -54,25 +54,26 @@ pub struct Cluster {
     pub nudges: TableNudges,
 }
 
-/// A signal per table name that something wrote to it (the gateway forwarded a lock or unlock):
-/// a hint to read the table's stream now, never a fact about the table.
+/// A signal per LockSource that the gateway wrote to its table (forwarded a lock or unlock): a
+/// hint to read the table's stream now, never a fact about the table. Keyed by the LockSource the
+/// gateway served, so that nobody's traffic makes another tenant's mirror poll.
 #[derive(Default)]
 pub struct TableNudges {
-    tables: Mutex<HashMap<String, watch::Sender<u64>>>,
+    sources: Mutex<HashMap<(String, String), watch::Sender<u64>>>,
 }
 
 impl TableNudges {
-    /// Follow nudges of `table`.
-    pub fn subscribe(&self, table: &str) -> watch::Receiver<u64> {
-        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
-        tables.retain(|_, tx| tx.receiver_count() > 0);
-        tables.entry(table.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+    /// Follow nudges of the LockSource `namespace/name`.
+    pub fn subscribe(&self, namespace: &str, name: &str) -> watch::Receiver<u64> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        sources.retain(|_, tx| tx.receiver_count() > 0);
+        sources.entry((namespace.to_owned(), name.to_owned())).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
-    /// Something wrote to `table`; nothing happens when nobody follows it.
-    pub fn nudge(&self, table: &str) {
-        let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = tables.get(table) {
+    /// The gateway wrote to the table of `namespace/name`; nothing happens when nobody follows it.
+    pub fn nudge(&self, namespace: &str, name: &str) {
+        let sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = sources.get(&(namespace.to_owned(), name.to_owned())) {
             tx.send_modify(|n| *n = n.wrapping_add(1));
         }
     }

@@ -243,10 +243,13 @@ impl Lineage {
 /// What one poll read.
 #[derive(Debug, Default)]
 pub struct PollOutcome {
+    /// Every record read, in order per shard (also when `error` is set).
     pub changes: Vec<ItemChange>,
-    /// Every shard read returned an empty page and no shard closed: nothing more is known to be
-    /// waiting (DynamoDB may still return an empty page before records; see the module docs).
+    /// Every shard read returned an empty page, no shard closed and no call failed: nothing more
+    /// is known to be waiting (DynamoDB may still return an empty page before records).
     pub quiet: bool,
+    /// The first call that failed.
+    pub error: Option<StreamError>,
 }
 
 /// An open stream.
@@ -256,11 +259,19 @@ pub struct StreamReader {
     lineage: Lineage,
     iterators: HashMap<String, String>,
     last_refresh: Instant,
+    /// A shard closed and the shard list was not read successfully since.
+    refresh_due: bool,
     calls: StreamCalls,
-    /// Records read whose positions were taken but which were not handed out yet (a later call
-    /// of the same poll failed): handed out by the next poll that succeeds.
+    /// Records read whose positions were taken but which were not handed out yet.
     unread: Vec<ItemChange>,
+    /// A moment (a Scan's end) and the shards known to have been read past it.
+    barrier: Option<(std::time::SystemTime, std::collections::BTreeSet<String>)>,
 }
+
+/// How long a write takes at most to appear in its stream, as far as [`StreamReader::past`] is
+/// concerned: an empty page from a read sent this long after the barrier means nothing written
+/// before the barrier is still to come on that shard.
+const STREAM_SETTLE: Duration = Duration::from_secs(1);
 
 impl StreamReader {
     /// Start reading at the current end of every open shard.
@@ -271,8 +282,10 @@ impl StreamReader {
             lineage: Lineage::default(),
             iterators: HashMap::new(),
             last_refresh: Instant::now(),
+            refresh_due: false,
             calls: StreamCalls::default(),
             unread: Vec::new(),
+            barrier: None,
         };
         let shards = reader.shards().await?;
         reader.lineage = Lineage::at_open(&shards);
@@ -282,6 +295,20 @@ impl StreamReader {
             reader.iterators.insert(shard, it);
         }
         Ok(reader)
+    }
+
+    /// From now on, note which shards are read past `at` (see [`Self::past`]).
+    pub fn set_barrier(&mut self, at: std::time::SystemTime) {
+        self.barrier = Some((at, std::collections::BTreeSet::new()));
+    }
+
+    /// Every shard that may be read now was read past the barrier: a record created after it
+    /// (DynamoDB rounds creation times down to the second, so one a whole second later), or an
+    /// empty page from a read sent [`STREAM_SETTLE`] after it; and no closed shard's children
+    /// are still unknown. Then every record written before the barrier has been handed out.
+    pub fn past(&self) -> bool {
+        let Some((_, done)) = &self.barrier else { return false };
+        !self.refresh_due && self.unread.is_empty() && self.lineage.readable().iter().all(|(s, _)| done.contains(s))
     }
 
     pub fn arn(&self) -> &str {
@@ -339,98 +366,148 @@ impl StreamReader {
         })
     }
 
-    /// Read one page from every shard that may be read now. On an error the positions and the
-    /// records read so far are kept: the next poll that succeeds hands those records out first.
-    pub async fn poll(&mut self) -> Result<PollOutcome, StreamError> {
-        let mut out = PollOutcome { changes: Vec::new(), quiet: self.unread.is_empty() };
+    /// Read one page from every shard that may be read now. What was read is always handed out,
+    /// with the first error, if any: a shard that is throttled or unavailable does not hold back
+    /// the others (its position is kept and it is read again next time); an error that means the
+    /// stream cannot be followed from here (gone, position lost) ends the poll.
+    pub async fn poll(&mut self) -> PollOutcome {
+        let mut out = PollOutcome::default();
+        let mut quiet = true;
         let mut closed_any = false;
         for (shard, position) in self.lineage.readable() {
-            let it = match self.iterators.get(&shard) {
-                Some(it) => it.clone(),
-                None => {
-                    let it = self.iterator(&shard, &position).await?;
-                    self.iterators.insert(shard.clone(), it.clone());
-                    it
+            match self.read_shard(&shard, &position).await {
+                Ok(ShardPage { records, closed }) => {
+                    quiet &= records == 0 && !closed;
+                    closed_any |= closed;
                 }
-            };
-            self.calls.add(StreamCall::GetRecords);
-            let page = match self.client.get_records().shard_iterator(it).limit(1000).send().await {
-                Ok(page) => page,
                 Err(e) => {
-                    let err = StreamError::of_sdk(&self.arn, StreamCall::GetRecords, e);
-                    if matches!(err.failure, StreamFailure::PositionLost | StreamFailure::IteratorExpired) {
-                        self.iterators.remove(&shard);
+                    quiet = false;
+                    let fatal = matches!(e.failure, StreamFailure::Gone | StreamFailure::PositionLost);
+                    out.error.get_or_insert(e);
+                    if fatal {
+                        out.changes = std::mem::take(&mut self.unread);
+                        return out;
                     }
-                    if err.failure == StreamFailure::IteratorExpired && position != Position::Latest {
-                        // Resume from the position kept; the next poll takes a new iterator.
-                        out.quiet = false;
-                        continue;
-                    }
-                    if err.failure == StreamFailure::IteratorExpired {
-                        return Err(StreamError {
-                            failure: StreamFailure::PositionLost,
-                            message: format!(
-                                "the iterator at the end of shard {shard} expired before a record was read; records may have been missed: {}",
-                                err.message
-                            ),
-                            ..err
-                        });
-                    }
-                    return Err(err);
-                }
-            };
-            let records = page.records.unwrap_or_default();
-            let mut last = None;
-            if !records.is_empty() {
-                out.quiet = false;
-            }
-            for rec in records {
-                let Some(data) = rec.dynamodb else { continue };
-                last = data.sequence_number.clone().or(last);
-                let key = data.keys.as_ref().and_then(|k| k.get("LockID")).and_then(|v| v.as_s().ok()).cloned();
-                match (rec.event_name, data.new_image, key) {
-                    (Some(OperationType::Remove), _, Some(k)) => self.unread.push(ItemChange::Removed(k)),
-                    (_, Some(img), _) => self.unread.push(ItemChange::Put(convert_map(img))),
-                    (_, None, Some(k)) => self.unread.push(ItemChange::Touched(k)),
-                    _ => {}
-                }
-            }
-            match page.next_shard_iterator {
-                Some(next) => {
-                    self.iterators.insert(shard.clone(), next);
-                    self.lineage.advance(&shard, last, false);
-                }
-                None => {
-                    self.iterators.remove(&shard);
-                    self.lineage.advance(&shard, last, true);
-                    closed_any = true;
                 }
             }
         }
-        if closed_any {
-            out.quiet = false;
-        }
-        if closed_any || self.last_refresh.elapsed() >= SHARD_REFRESH || self.lineage.pending() == 0 {
-            self.last_refresh = Instant::now();
-            let shards = self.shards().await?;
-            self.lineage.refresh(&shards).map_err(|message| StreamError {
-                arn: self.arn.clone(),
-                call: StreamCall::DescribeStream,
-                failure: StreamFailure::PositionLost,
-                message,
-            })?;
-            if self.lineage.pending() == 0 {
-                return Err(StreamError {
-                    arn: self.arn.clone(),
-                    call: StreamCall::DescribeStream,
-                    failure: StreamFailure::Gone,
-                    message: "every shard of the stream is closed and read: the stream was disabled or replaced".into(),
-                });
+        // A closed shard's children must be known before anything can be called quiet: the
+        // shard list is read again until that succeeds.
+        self.refresh_due |= closed_any;
+        if self.refresh_due || self.last_refresh.elapsed() >= SHARD_REFRESH || self.lineage.pending() == 0 {
+            quiet = false;
+            match self.refresh().await {
+                Ok(()) => {
+                    self.refresh_due = false;
+                    self.last_refresh = Instant::now();
+                }
+                Err(e) => {
+                    out.error.get_or_insert(e);
+                }
             }
         }
         out.changes = std::mem::take(&mut self.unread);
-        Ok(out)
+        out.quiet = quiet && out.error.is_none();
+        out
     }
+
+    async fn refresh(&mut self) -> Result<(), StreamError> {
+        let shards = self.shards().await?;
+        self.lineage.refresh(&shards).map_err(|message| StreamError {
+            arn: self.arn.clone(),
+            call: StreamCall::DescribeStream,
+            failure: StreamFailure::PositionLost,
+            message,
+        })?;
+        if self.lineage.pending() == 0 {
+            return Err(StreamError {
+                arn: self.arn.clone(),
+                call: StreamCall::DescribeStream,
+                failure: StreamFailure::Gone,
+                message: "every shard of the stream is closed and read: the stream was disabled or replaced".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// One page of one shard, its records kept in `unread`.
+    async fn read_shard(&mut self, shard: &str, position: &Position) -> Result<ShardPage, StreamError> {
+        let it = match self.iterators.get(shard) {
+            Some(it) => it.clone(),
+            None => {
+                let it = self.iterator(shard, position).await?;
+                self.iterators.insert(shard.to_owned(), it.clone());
+                it
+            }
+        };
+        self.calls.add(StreamCall::GetRecords);
+        let sent = std::time::SystemTime::now();
+        let page = match self.client.get_records().shard_iterator(it).limit(1000).send().await {
+            Ok(page) => page,
+            Err(e) => {
+                let err = StreamError::of_sdk(&self.arn, StreamCall::GetRecords, e);
+                if matches!(err.failure, StreamFailure::PositionLost | StreamFailure::IteratorExpired) {
+                    self.iterators.remove(shard);
+                }
+                if err.failure == StreamFailure::IteratorExpired && *position != Position::Latest {
+                    // Resumed from the position kept: the next poll takes a new iterator.
+                    return Ok(ShardPage { records: 0, closed: false });
+                }
+                if err.failure == StreamFailure::IteratorExpired {
+                    return Err(StreamError {
+                        failure: StreamFailure::PositionLost,
+                        message: format!(
+                            "the iterator at the end of shard {shard} expired before a record was read; records may have been missed: {}",
+                            err.message
+                        ),
+                        ..err
+                    });
+                }
+                return Err(err);
+            }
+        };
+        let records = page.records.unwrap_or_default();
+        let count = records.len();
+        let mut last = None;
+        let barrier_secs = self.barrier.as_ref().and_then(|(at, _)| at.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
+        let mut past =
+            count == 0 && self.barrier.as_ref().is_some_and(|(at, _)| sent.duration_since(*at).is_ok_and(|d| d >= STREAM_SETTLE));
+        for rec in records {
+            let Some(data) = rec.dynamodb else { continue };
+            last = data.sequence_number.clone().or(last);
+            if let (Some(b), Some(created)) = (barrier_secs, data.approximate_creation_date_time) {
+                past |= created.secs() > i64::try_from(b).unwrap_or(i64::MAX);
+            }
+            let key = data.keys.as_ref().and_then(|k| k.get("LockID")).and_then(|v| v.as_s().ok()).cloned();
+            match (rec.event_name, data.new_image, key) {
+                (Some(OperationType::Remove), _, Some(k)) => self.unread.push(ItemChange::Removed(k)),
+                (_, Some(img), _) => self.unread.push(ItemChange::Put(convert_map(img))),
+                (_, None, Some(k)) => self.unread.push(ItemChange::Touched(k)),
+                _ => {}
+            }
+        }
+        let closed = page.next_shard_iterator.is_none();
+        match page.next_shard_iterator {
+            Some(next) => {
+                self.iterators.insert(shard.to_owned(), next);
+            }
+            None => {
+                self.iterators.remove(shard);
+            }
+        }
+        self.lineage.advance(shard, last, closed);
+        if let Some((_, done)) = self.barrier.as_mut()
+            && (past || closed)
+        {
+            done.insert(shard.to_owned());
+        }
+        Ok(ShardPage { records: count, closed })
+    }
+}
+
+struct ShardPage {
+    records: usize,
+    closed: bool,
 }
 
 fn convert_map(m: HashMap<String, StreamValue>) -> HashMap<String, AttributeValue> {

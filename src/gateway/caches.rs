@@ -46,12 +46,13 @@ impl Caches {
         Self::new(&cluster)
     }
 
-    /// The shared SDK clients, one set per LockSource.
-    /// The gateway wrote to `table`: the mirror reads its stream now.
-    pub fn nudge(&self, table: &str) {
-        self.cluster.nudges.nudge(table);
+    /// The gateway wrote to the table of `source`: its mirror reads the stream now.
+    pub fn nudge(&self, source: &crate::crd::LockSource) {
+        use kube::ResourceExt;
+        self.cluster.nudges.nudge(&source.namespace().unwrap_or_default(), &source.name_any());
     }
 
+    /// The shared SDK clients, one set per LockSource.
     pub fn aws(&self) -> &Arc<crate::cluster::aws::SourceClients> {
         &self.cluster.aws
     }

@@ -363,12 +363,12 @@ fn note_effects(
             if contended {
                 gw.effects.contended(source, &record, pod);
             } else {
-                gw.caches.nudge(&source.spec.dynamodb.table_name);
+                gw.caches.nudge(source);
                 gw.effects.granted(source, *record, pod);
             }
         }
         Request::DeleteItem { .. } if outcome.is_ok() => {
-            gw.caches.nudge(&source.spec.dynamodb.table_name);
+            gw.caches.nudge(source);
             if let Some(id) = req.lock_id().filter(|id| !id.ends_with("-md5")) {
                 gw.effects.released(source, id);
             }

@@ -174,12 +174,14 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// A table as LockSources of one namespace name it: (namespace, table, region, endpoint).
-type TableKey = (String, String, String, Option<String>);
+/// A table as LockSources of one namespace name it: (namespace, table, region, endpoint,
+/// credentials Secret). Another Secret may be another AWS account's table of the same name.
+type TableKey = (String, String, String, Option<String>, Option<String>);
 
 fn table_key(s: &LockSource) -> TableKey {
     let d = &s.spec.dynamodb;
-    (s.namespace().unwrap_or_default(), d.table_name.clone(), d.region.clone(), d.endpoint.clone())
+    let secret = d.credentials_secret_ref.as_ref().map(|r| r.name.clone());
+    (s.namespace().unwrap_or_default(), d.table_name.clone(), d.region.clone(), d.endpoint.clone(), secret)
 }
 
 fn source_labels(source: &LockSource) -> SourceLabels {
@@ -228,6 +230,12 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
             }
         }
         *ctx.adopted.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = adopted;
+        // Sources that went stop before any other starts.
+        let gone: Vec<SourceKey> = known.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for k in gone {
+            forget(&ctx, &mut known, &mut probed, &k);
+            stop(&mut running, &k).await;
+        }
         for (k, src) in &wanted {
             if first_readers.contains_key(k) {
                 continue;
@@ -243,11 +251,6 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
             if ctx.leader.is_leader() {
                 ensure(&ctx, &mut running, src.clone()).await;
             }
-        }
-        let gone: Vec<SourceKey> = known.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
-        for k in gone {
-            forget(&ctx, &mut known, &mut probed, &k);
-            stop(&mut running, &k).await;
         }
         known = wanted;
         if first {
@@ -349,9 +352,15 @@ fn first_readers(wanted: &HashMap<SourceKey, LockSource>, running: &HashMap<Sour
     }
     let mut out = HashMap::new();
     for (table, mut group) in by_table.into_iter().filter(|(_, g)| g.len() > 1) {
-        // Mirroring this very table now (not one edited to point at it).
+        // Mirroring this very table now (not one edited to point at it); after a restart or a
+        // failover, the refusals written in status say who was first.
         let incumbent = |s: &LockSource| running.get(&key(s)).is_some_and(|r| r.table == table);
-        group.sort_by_key(|s| (!incumbent(s), s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
+        let refused = |s: &LockSource| {
+            s.status
+                .as_ref()
+                .is_some_and(|st| st.conditions.iter().any(|c| c.type_ == reasons::CONDITION_READY && c.reason == "DuplicateTable"))
+        };
+        group.sort_by_key(|s| (!incumbent(s), refused(s), s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
         let first = group[0].name_any();
         for s in &group[1..] {
             out.insert(key(s), first.clone());
@@ -420,6 +429,10 @@ struct SourceState {
     table: BTreeMap<String, LockRecord>,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
+    /// When the table's current stream ARN was last compared with the one followed.
+    last_arn_check: Option<Instant>,
+    /// When the last full Scan ended (wall clock, to compare with stream records' times).
+    scan_ended: Option<std::time::SystemTime>,
     last_full_scan: Option<Instant>,
     mode: Option<SyncMode>,
     items: usize,
@@ -443,6 +456,8 @@ enum Written {
 
 /// How soon a failed write is tried again while following a stream, at the least.
 const RETRY_SOON: Duration = Duration::from_millis(100);
+/// The least time between a poll and one a gateway nudge asks for.
+const NUDGE_SPACING: Duration = Duration::from_millis(200);
 /// How often the table's current stream ARN is compared with the one followed (DescribeTable,
 /// free of read capacity).
 const ARN_CHECK: Duration = Duration::from_secs(30);
@@ -451,11 +466,10 @@ const ARN_CHECK: Duration = Duration::from_secs(30);
 const REOPEN_SPACING: Duration = Duration::from_secs(15);
 /// Auto mode retries a refused stream this long after the refusal.
 const REFUSED_RETRY: Duration = Duration::from_secs(3600);
-/// After opening a stream and scanning, the stream is read until it is quiet before anything is
-/// written: at most this many polls, this far apart, and not before CATCH_UP_SETTLE after the Scan.
+/// After opening a stream and scanning, the stream is read past the Scan before anything is
+/// written: at most this many polls, this far apart.
 const CATCH_UP_POLLS: usize = 40;
 const CATCH_UP_PACE: Duration = Duration::from_millis(200);
-const CATCH_UP_SETTLE: Duration = Duration::from_secs(1);
 
 /// Exponential backoff for repeated stream errors: 0.5 s doubling to `max`.
 struct Backoff {
@@ -478,7 +492,7 @@ impl Backoff {
 async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: CancellationToken) {
     let interval = source.spec.sync.interval.get().max(Duration::from_secs(1));
     let idle_poll = source.spec.sync.stream_poll_interval.get().max(crate::crd::MIN_STREAM_POLL_INTERVAL);
-    let mut nudges = ctx.cluster.nudges.subscribe(&source.spec.dynamodb.table_name);
+    let mut nudges = ctx.cluster.nudges.subscribe(&source.namespace().unwrap_or_default(), &source.name_any());
     let mut state = SourceState::default();
     info!(interval = ?interval, poll = ?idle_poll, mode = ?source.spec.sync.mode, "syncing LockSource");
     loop {
@@ -589,7 +603,6 @@ async fn follow(
     use std::ops::ControlFlow::{Break, Continue};
     let Pace { interval, idle_poll } = pace;
     let until = Instant::now() + interval;
-    let mut last_arn_check = Instant::now();
     let mut last_poll = Instant::now();
     let mut backoff = Backoff::new(Duration::from_secs(30));
     // A stream error: polls wait for the backoff, and nudges are ignored.
@@ -597,6 +610,7 @@ async fn follow(
     // `dirty`: records applied to the table but not written yet; a failed write is tried again
     // at `retry_at`, while polling goes on at its own pace.
     let mut retry_at = Instant::now();
+    let mut write_failed = false;
     nudges.borrow_and_update();
     while Instant::now() < until {
         let delay = trouble.unwrap_or(idle_poll);
@@ -606,16 +620,16 @@ async fn follow(
                 if r.is_err() {
                     return Break(());
                 }
-                // Nudges never poll faster than every 100 ms.
-                tokio::time::sleep(RETRY_SOON.saturating_sub(last_poll.elapsed())).await;
+                // Nudged polls stay within DynamoDB's rate for a shard (about five a second).
+                tokio::time::sleep(NUDGE_SPACING.saturating_sub(last_poll.elapsed())).await;
             }
             () = cancel.cancelled() => return Break(()),
         }
         if Instant::now() >= until && !dirty {
             break;
         }
-        if last_arn_check.elapsed() >= ARN_CHECK {
-            last_arn_check = Instant::now();
+        if state.last_arn_check.is_none_or(|t| t.elapsed() >= ARN_CHECK) {
+            state.last_arn_check = Some(Instant::now());
             if let Some(clients) = state.clients.clone() {
                 match dynamo::stream_arn(&clients.table, &source.spec.dynamodb.table_name).await {
                     Ok(arn) if arn.as_deref() != state.stream.as_ref().map(StreamReader::arn) => {
@@ -637,38 +651,13 @@ async fn follow(
             }
         }
         last_poll = Instant::now();
-        let polled = follow_stream(ctx, source, state).await;
+        let Followed { changed, error } = follow_stream(ctx, source, state).await;
         take_stream_calls(ctx, source, state);
-        match polled {
-            Ok(changed) => {
-                let recovered = trouble.take().is_some();
-                if recovered {
-                    backoff = Backoff::new(Duration::from_secs(30));
-                }
-                if changed || (dirty && Instant::now() >= retry_at) {
-                    match reconcile(ctx, source, state).await {
-                        Ok(locks) => {
-                            dirty = false;
-                            ctx.metrics.locks.held.get_or_create(&source_labels(source)).set(i64::from(locks));
-                            if recovered {
-                                let summary = PassSummary { items: state.items, locks, pages: state.pages };
-                                report(ctx, source, state, &Ok(summary)).await;
-                            }
-                        }
-                        Err(e) => {
-                            dirty = true;
-                            retry_at = Instant::now() + e.category().retry_after().max(RETRY_SOON).min(interval);
-                            let result = Err(e);
-                            observe_pass(ctx, source, state, Instant::now(), &result);
-                            report(ctx, source, state, &result).await;
-                        }
-                    }
-                } else if recovered && !dirty {
-                    let locks = i32::try_from(state.table.len()).unwrap_or(i32::MAX);
-                    report(ctx, source, state, &Ok(PassSummary { items: state.items, locks, pages: state.pages })).await;
-                }
-            }
-            Err(SyncError::Stream(e)) => {
+        dirty |= changed;
+        let mut failed: Option<SyncError> = None;
+        let mut report_ok = false;
+        match error {
+            Some(SyncError::Stream(e)) => {
                 count_stream_error(ctx, source, &e);
                 if close_stream_if_needed(source, state, &e) {
                     return Continue(());
@@ -680,18 +669,45 @@ async fn follow(
                     _ => backoff.step().max(Duration::from_secs(5)),
                 };
                 warn!(error = %e, retry_in = ?wait, "stream read failed; retrying with the position kept");
-                report(ctx, source, state, &Err(SyncError::Stream(e))).await;
                 trouble = Some(wait);
+                failed = Some(SyncError::Stream(e));
             }
-            Err(e) => {
-                // A read the stream asked for (KEYS_ONLY) failed: everything else was applied
-                // and the item is read again at the next poll; write once it is read.
-                dirty = true;
+            // A read a KEYS_ONLY record asked for: the item is read again at the next poll.
+            Some(e) => failed = Some(e),
+            None => {
+                if trouble.take().is_some() {
+                    backoff = Backoff::new(Duration::from_secs(30));
+                    report_ok = true;
+                }
+            }
+        }
+        // What was read is written (every item is at a state it really had), also when some
+        // call failed; a failed write is tried again at `retry_at`.
+        if dirty && (changed || Instant::now() >= retry_at) {
+            match reconcile(ctx, source, state).await {
+                Ok(locks) => {
+                    dirty = false;
+                    ctx.metrics.locks.held.get_or_create(&source_labels(source)).set(i64::from(locks));
+                    report_ok |= std::mem::take(&mut write_failed);
+                }
+                Err(e) => {
+                    write_failed = true;
+                    retry_at = Instant::now() + e.category().retry_after().max(RETRY_SOON).min(interval);
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => {
                 let result = Err(e);
                 observe_pass(ctx, source, state, Instant::now(), &result);
                 report(ctx, source, state, &result).await;
-                trouble = Some(backoff.step());
             }
+            None if report_ok && !dirty => {
+                let locks = i32::try_from(state.table.len()).unwrap_or(i32::MAX);
+                report(ctx, source, state, &Ok(PassSummary { items: state.items, locks, pages: state.pages })).await;
+            }
+            None => {}
         }
     }
     Continue(())
@@ -796,6 +812,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
                 state.mode = Some(if opened.is_some() { SyncMode::Streams } else { SyncMode::Scan });
                 state.stream = opened;
                 state.scanned = false;
+                state.last_arn_check = Some(Instant::now());
                 take_stream_calls(ctx, source, state);
                 cause = Some(if state.stream.is_some() { "StreamOpened" } else { "ScanMode" });
                 state.stream_closed = None;
@@ -831,6 +848,10 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
         state.items = scan.items.len();
         state.pages = scan.pages;
         state.last_full_scan = Some(Instant::now());
+        // The Scan read every item at some moment before now: every record older than what it
+        // returned was written before now, so replaying the stream past this moment ends every
+        // item at its latest state (the barrier the catch-up reads past).
+        state.scan_ended = Some(std::time::SystemTime::now());
         state.scanned = true;
         state.catching_up = state.stream.is_some();
     }
@@ -841,20 +862,23 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     // `catching_up` set: the next pass goes on from there. See the README ("Why the mirror is
     // right").
     if state.catching_up {
-        let scan_ended = state.last_full_scan.unwrap_or_else(Instant::now);
-        let mut quiet = false;
+        if let Some(reader) = state.stream.as_mut() {
+            reader.set_barrier(state.scan_ended.unwrap_or_else(std::time::SystemTime::now));
+        }
+        let mut past = false;
         for _ in 0..CATCH_UP_POLLS {
             let polled = catch_up(ctx, source, state).await;
             take_stream_calls(ctx, source, state);
-            if polled? && scan_ended.elapsed() >= CATCH_UP_SETTLE {
-                quiet = true;
+            polled?;
+            if state.stream.as_ref().is_none_or(StreamReader::past) {
+                past = true;
                 break;
             }
             // Paced: GetRecords allows about five calls a second per shard.
             tokio::time::sleep(CATCH_UP_PACE).await;
         }
-        if !quiet {
-            warn!(polls = CATCH_UP_POLLS, "the stream did not go quiet after the Scan; writing what it says so far");
+        if !past {
+            warn!(polls = CATCH_UP_POLLS, "the stream was not read past the Scan in time; writing what it says so far");
         }
         state.catching_up = false;
     }
@@ -882,18 +906,30 @@ fn apply_item(table: &mut BTreeMap<String, LockRecord>, item: &HashMap<String, a
 /// Read one page of every readable shard into the table; true when the stream was quiet.
 async fn catch_up(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<bool, SyncError> {
     let Some(reader) = state.stream.as_mut() else { return Ok(true) };
-    let outcome = reader.poll().await?;
+    let outcome = reader.poll().await;
     apply_changes(ctx, source, state, outcome.changes).await?;
+    if let Some(e) = outcome.error {
+        return Err(e.into());
+    }
     Ok(outcome.quiet)
 }
 
-/// Apply what the stream says to the table in memory; true when something arrived.
-async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<bool, SyncError> {
-    let Some(reader) = state.stream.as_mut() else { return Ok(false) };
-    let outcome = reader.poll().await?;
+/// What one poll of a followed stream did.
+struct Followed {
+    /// Records arrived and were applied to the table in memory.
+    changed: bool,
+    /// The first failure (a stream call, or a read a KEYS_ONLY record asked for).
+    error: Option<SyncError>,
+}
+
+/// Apply what the stream says to the table in memory: all that was read, even when a call
+/// failed.
+async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Followed {
+    let Some(reader) = state.stream.as_mut() else { return Followed { changed: false, error: None } };
+    let outcome = reader.poll().await;
     let changed = !outcome.changes.is_empty();
-    apply_changes(ctx, source, state, outcome.changes).await?;
-    Ok(changed)
+    let applied = apply_changes(ctx, source, state, outcome.changes).await;
+    Followed { changed, error: outcome.error.map(SyncError::from).or(applied.err()) }
 }
 
 /// Apply what the stream says to the table in memory. An item a KEYS_ONLY record names is read
