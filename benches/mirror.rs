@@ -119,7 +119,8 @@ async fn lags(
 }
 
 async fn fill_states(client: &aws_sdk_dynamodb::Client, table: &str) {
-    for chunk in 0..400 {
+    let states: usize = std::env::var("STATELOCK_BENCH_STATES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    for chunk in 0..states.div_ceil(25) {
         let reqs: Vec<WriteRequest> = (0..25)
             .map(|i| {
                 let n = chunk * 25 + i;
@@ -157,6 +158,9 @@ impl Setting {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if let Ok(filter) = std::env::var("STATELOCK_BENCH_LOG") {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
+    }
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let m = moto();
     let client = db(&m.url).await;

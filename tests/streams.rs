@@ -60,10 +60,10 @@ async fn client_at(url: &str) -> aws_sdk_dynamodb::Client {
 
 impl Rig {
     async fn start(mode: &str) -> Self {
-        Self::start_with(mode, "1s").await
+        Self::start_with(mode, "1s", "100ms").await
     }
 
-    async fn start_with(mode: &str, interval: &str) -> Self {
+    async fn start_with(mode: &str, interval: &str, poll: &str) -> Self {
         let moto = DynamoServer::moto();
         moto.create_lock_table_with_stream(TABLE).await;
         let double = StreamsDouble::start(&moto.url(), TABLE).await;
@@ -88,7 +88,7 @@ impl Rig {
                 NS,
                 "prod-locks",
                 json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": double.url},
-                       "sync": {"mode": mode, "interval": interval, "streamPollInterval": "100ms"}}),
+                       "sync": {"mode": mode, "interval": interval, "streamPollInterval": poll}}),
             )
             .await;
         let op = Some(Operator::start(&cluster));
@@ -353,6 +353,20 @@ async fn a_second_locksource_on_the_same_table_is_refused_by_name_and_nothing_fl
     rig.matches_table("the second LockSource took over").await;
     let l = Api::<StateLock>::namespaced(rig.cluster.client(), NS).list(&ListParams::default()).await.expect("list");
     assert!(!l.items.is_empty() && l.items.iter().all(|l| l.spec.source == "also-prod"));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poll_interval_longer_than_the_pass_interval_still_follows_the_stream() {
+    let mut rig = Rig::start_with("Streams", "1s", "2s").await;
+    rig.take().await;
+    rig.converged("the start").await;
+    let scans = rig.double.calls("Scan");
+    let held = rig.take().await;
+    rig.converged("a lock taken").await;
+    rig.release(&held).await;
+    rig.converged("a lock released").await;
+    assert_eq!(rig.double.calls("Scan"), scans, "the stream delivered both changes");
     rig.stop().await;
 }
 

@@ -602,7 +602,8 @@ async fn follow(
 ) -> std::ops::ControlFlow<()> {
     use std::ops::ControlFlow::{Break, Continue};
     let Pace { interval, idle_poll } = pace;
-    let until = Instant::now() + interval;
+    // At least one poll per call, also when polls are further apart than passes.
+    let until = Instant::now() + interval.max(idle_poll);
     let mut last_poll = Instant::now();
     let mut backoff = Backoff::new(Duration::from_secs(30));
     // A stream error: polls wait for the backoff, and nudges are ignored.
@@ -625,7 +626,7 @@ async fn follow(
             }
             () = cancel.cancelled() => return Break(()),
         }
-        if Instant::now() >= until && !dirty {
+        if Instant::now() >= until && !dirty && last_poll.elapsed() < idle_poll {
             break;
         }
         if state.last_arn_check.is_none_or(|t| t.elapsed() >= ARN_CHECK) {
