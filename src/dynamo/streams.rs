@@ -266,12 +266,17 @@ pub struct StreamReader {
     unread: Vec<ItemChange>,
     /// A moment (a Scan's end) and the shards known to have been read past it.
     barrier: Option<(std::time::SystemTime, std::collections::BTreeSet<String>)>,
+    /// Shards whose last page, read after the barrier settled, was empty.
+    settled_empty: std::collections::BTreeSet<String>,
 }
 
-/// How long a write takes at most to appear in its stream, as far as [`StreamReader::past`] is
-/// concerned: an empty page from a read sent this long after the barrier means nothing written
-/// before the barrier is still to come on that shard.
+/// How long after the barrier a read must be sent for its empty page to count (see
+/// [`StreamReader::past`]); two such empty pages in a row are needed, since one may be empty
+/// although records follow.
 const STREAM_SETTLE: Duration = Duration::from_secs(1);
+/// Seconds by which a record's creation time must pass the barrier to count: DynamoDB rounds it
+/// down to the second, and its clock and this host's may differ by a little.
+const RECORD_MARGIN_SECS: i64 = 2;
 
 impl StreamReader {
     /// Start reading at the current end of every open shard.
@@ -286,6 +291,7 @@ impl StreamReader {
             calls: StreamCalls::default(),
             unread: Vec::new(),
             barrier: None,
+            settled_empty: std::collections::BTreeSet::new(),
         };
         let shards = reader.shards().await?;
         reader.lineage = Lineage::at_open(&shards);
@@ -300,12 +306,15 @@ impl StreamReader {
     /// From now on, note which shards are read past `at` (see [`Self::past`]).
     pub fn set_barrier(&mut self, at: std::time::SystemTime) {
         self.barrier = Some((at, std::collections::BTreeSet::new()));
+        self.settled_empty.clear();
     }
 
-    /// Every shard that may be read now was read past the barrier: a record created after it
-    /// (DynamoDB rounds creation times down to the second, so one a whole second later), or an
-    /// empty page from a read sent [`STREAM_SETTLE`] after it; and no closed shard's children
-    /// are still unknown. Then every record written before the barrier has been handed out.
+    /// Every shard that may be read now was read past the barrier: a record created
+    /// [`RECORD_MARGIN_SECS`] after it, or two empty pages in a row from reads sent
+    /// [`STREAM_SETTLE`] after it, or its end; and no closed shard's children are still unknown.
+    /// Then every record written before the barrier has been handed out (as far as the stream's
+    /// delivery allows: a record that appears later than that is a brief wrong state, fixed by
+    /// the next poll).
     pub fn past(&self) -> bool {
         let Some((_, done)) = &self.barrier else { return false };
         !self.refresh_due && self.unread.is_empty() && self.lineage.readable().iter().all(|(s, _)| done.contains(s))
@@ -470,13 +479,18 @@ impl StreamReader {
         let count = records.len();
         let mut last = None;
         let barrier_secs = self.barrier.as_ref().and_then(|(at, _)| at.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
-        let mut past =
+        let settled_empty =
             count == 0 && self.barrier.as_ref().is_some_and(|(at, _)| sent.duration_since(*at).is_ok_and(|d| d >= STREAM_SETTLE));
+        // Two settled empty pages in a row.
+        let mut past = settled_empty && !self.settled_empty.insert(shard.to_owned());
+        if !settled_empty {
+            self.settled_empty.remove(shard);
+        }
         for rec in records {
             let Some(data) = rec.dynamodb else { continue };
             last = data.sequence_number.clone().or(last);
             if let (Some(b), Some(created)) = (barrier_secs, data.approximate_creation_date_time) {
-                past |= created.secs() > i64::try_from(b).unwrap_or(i64::MAX);
+                past |= created.secs() >= i64::try_from(b).unwrap_or(i64::MAX).saturating_add(RECORD_MARGIN_SECS);
             }
             let key = data.keys.as_ref().and_then(|k| k.get("LockID")).and_then(|v| v.as_s().ok()).cloned();
             match (rec.event_name, data.new_image, key) {

@@ -626,7 +626,7 @@ async fn follow(
             }
             () = cancel.cancelled() => return Break(()),
         }
-        if Instant::now() >= until && !dirty && last_poll.elapsed() < idle_poll {
+        if Instant::now() >= until && !dirty && (last_poll.elapsed() < idle_poll || trouble.is_some()) {
             break;
         }
         if state.last_arn_check.is_none_or(|t| t.elapsed() >= ARN_CHECK) {
