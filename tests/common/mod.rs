@@ -138,9 +138,17 @@ where
     }
 }
 
-/// A free loopback port.
+/// A free loopback port, never the same twice in one test process (tests run side by side: the
+/// kernel may hand a port just released to the next caller, and two servers then share it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    static GIVEN: std::sync::Mutex<Option<std::collections::HashSet<u16>>> = std::sync::Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        if given.get_or_insert_with(Default::default).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A DynamoDB-compatible server on a free loopback port, killed on drop: moto (DynamoDB,
@@ -195,12 +203,16 @@ impl DynamoServer {
         Self::wait("127.0.0.1", port, "dynalite", child)
     }
 
-    fn wait(host: &str, port: u16, kind: &'static str, child: std::process::Child) -> Self {
+    fn wait(host: &str, port: u16, kind: &'static str, mut child: std::process::Child) -> Self {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(Instant::now() < deadline, "{kind} did not start on {host}:{port}");
+            assert!(child.try_wait().ok().flatten().is_none(), "{kind} exited before listening on {host}:{port}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Something answers: it must be this server, not another one that had the port.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(child.try_wait().ok().flatten().is_none(), "{kind} exited: {host}:{port} is another process's");
         Self { port, kind, host: host.to_owned(), child }
     }
 
