@@ -125,6 +125,14 @@ fn ticks_per_second() -> f64 {
 }
 
 #[derive(Debug, Default)]
+/// A replica that did not get there within the limit: what it had used by then.
+struct Stalled {
+    what: &'static str,
+    waited_secs: f64,
+    rss: u64,
+    cpu_secs: f64,
+}
+
 struct Figures {
     ready_secs: f64,
     mirrored_secs: f64,
@@ -273,7 +281,7 @@ fn operator_counts(e: &Emulator) -> BTreeMap<(String, String), u64> {
     e.audit_counts().into_iter().filter(|((u, _, _), _)| u == OPERATOR_USER).map(|((_, v, r), n)| ((v, r), n)).collect()
 }
 
-async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration) -> Figures {
+async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, limit: Duration) -> Result<Figures, Stalled> {
     let (admin_port, gateway_port) = (free_port(), free_port());
     let log = std::fs::File::create(setup.dir.path().join(format!("{label}.log"))).expect("log");
     let started = Instant::now();
@@ -291,9 +299,25 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration) ->
         .expect("operator starts");
     let pid = child.id();
     let admin = format!("127.0.0.1:{admin_port}");
+    let ticks = ticks_per_second();
+    let give_up = |child: &mut Child, what: &'static str| {
+        let stalled =
+            Stalled { what, waited_secs: started.elapsed().as_secs_f64(), rss: rss_bytes(pid), cpu_secs: cpu_seconds(pid, ticks) };
+        eprintln!(
+            "{label}: {what} after {:.0} s; resident {}, CPU {:.0} s; stopped",
+            stalled.waited_secs,
+            mib(stalled.rss),
+            stalled.cpu_secs
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        stalled
+    };
     while http_status(&admin, "/readyz") != Some(200) {
         assert!(child.try_wait().expect("wait").is_none(), "{label}: the operator exited; see {label}.log");
-        assert!(started.elapsed() < Duration::from_secs(600), "{label}: not Ready in 10 minutes");
+        if started.elapsed() >= limit {
+            return Err(give_up(&mut child, "not Ready"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ready_secs = started.elapsed().as_secs_f64();
@@ -308,14 +332,15 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration) ->
         if have >= want {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(900), "{label}: only {have} of {want} StateLocks after 15 minutes");
+        if started.elapsed() >= limit + Duration::from_secs(300) {
+            return Err(give_up(&mut child, "not every StateLock written"));
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mirrored_secs = started.elapsed().as_secs_f64();
     eprintln!("{label}: Ready after {ready_secs:.2} s, {want} StateLocks after {mirrored_secs:.1} s; steady-state window {window:?}");
 
     let (stop, pod_events) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let ticks = ticks_per_second();
     let (cpu0, counts0) = (cpu_seconds(pid, ticks), operator_counts(&setup.emulator));
     let t0 = Instant::now();
     let mut rss_max = 0;
@@ -349,7 +374,7 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration) ->
     }
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = child.wait();
-    Figures {
+    Ok(Figures {
         ready_secs,
         mirrored_secs,
         rss_steady,
@@ -359,7 +384,7 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration) ->
         pod_events: events,
         requests_per_minute,
         lists_per_minute: lists as f64 / minutes,
-    }
+    })
 }
 
 /// Remove what a run left (StateLocks, churn pods) so the next starts from the same cluster.
@@ -419,14 +444,32 @@ fn mib(b: u64) -> String {
 async fn main() {
     let pods = env_usize("STATELOCK_FOOTPRINT_PODS", 50_000);
     let window = Duration::from_secs(env_usize("STATELOCK_FOOTPRINT_WINDOW_SECS", 60) as u64);
+    let limit = Duration::from_secs(env_usize("STATELOCK_FOOTPRINT_READY_LIMIT_SECS", 600) as u64);
     let baseline = baseline_binary();
     let (setup, _moto) = setup(pods).await;
     let _ = &setup.moto_url;
-    let candidate = measure(&setup, Path::new(env!("CARGO_BIN_EXE_statelock")), "this-build", window).await;
+    let candidate = match measure(&setup, Path::new(env!("CARGO_BIN_EXE_statelock")), "this-build", window, limit).await {
+        Ok(f) => f,
+        Err(s) => panic!("this build: {} after {:.0} s (resident {})", s.what, s.waited_secs, mib(s.rss)),
+    };
     let base = match &baseline {
         Some(bin) => {
             reset(&setup).await;
-            Some(measure(&setup, bin, "baseline", window).await)
+            match measure(&setup, bin, "baseline", window, limit).await {
+                Ok(f) => Some(f),
+                Err(s) => {
+                    println!(
+                        "baseline: {} within {:.0} s; when stopped it was resident at {} and had used {:.0} s of CPU (this build: Ready after {:.2} s, resident {} at steady state)",
+                        s.what,
+                        s.waited_secs,
+                        mib(s.rss),
+                        s.cpu_secs,
+                        candidate.ready_secs,
+                        mib(candidate.rss_steady)
+                    );
+                    None
+                }
+            }
         }
         None => None,
     };

@@ -132,7 +132,7 @@ pub struct RunArgs {
     #[arg(long, env = "STATELOCK_AWS_IDENTITY_NAMESPACES", value_delimiter = ',')]
     pub aws_identity_namespaces: Vec<String>,
 
-    /// Endpoints LockSources may name in `spec.dynamodb.endpoint`, comma-separated, each
+    /// Endpoints LockSources may name in `spec.dynamodb.endpoint` and `spec.s3.endpoint`, comma-separated, each
     /// `scheme://host[:port]` (port `*` for any). Unset means none: only AWS's regional endpoints.
     /// The operator never sends a request to an endpoint outside this list.
     #[arg(long, env = "STATELOCK_ALLOWED_ENDPOINTS", value_delimiter = ',')]

@@ -22,6 +22,12 @@ pub enum ErrorCategory {
     DynamoUnavailable,
     /// DynamoDB refused the call: access denied, no such table, invalid request.
     DynamoRefused,
+    /// S3 throttled the call (SlowDown).
+    S3Throttled,
+    /// S3 timed out, was unreachable or failed (5xx).
+    S3Unavailable,
+    /// S3 refused the call: access denied, no such bucket, invalid request.
+    S3Refused,
     /// The LockSource's credentials Secret is missing or incomplete.
     CredentialsUnavailable,
     /// The tenancy policy refuses the LockSource.
@@ -34,7 +40,13 @@ impl ErrorCategory {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            Self::KubernetesUnavailable | Self::KubernetesConflict | Self::DynamoThrottled | Self::DynamoUnavailable | Self::NotLeader
+            Self::KubernetesUnavailable
+                | Self::KubernetesConflict
+                | Self::DynamoThrottled
+                | Self::DynamoUnavailable
+                | Self::S3Throttled
+                | Self::S3Unavailable
+                | Self::NotLeader
         )
     }
 
@@ -47,6 +59,9 @@ impl ErrorCategory {
             Self::DynamoThrottled => "dynamodb_throttled",
             Self::DynamoUnavailable => "dynamodb_unavailable",
             Self::DynamoRefused => "dynamodb_refused",
+            Self::S3Throttled => "s3_throttled",
+            Self::S3Unavailable => "s3_unavailable",
+            Self::S3Refused => "s3_refused",
             Self::CredentialsUnavailable => "credentials_unavailable",
             Self::SourceRefused => "source_refused",
             Self::NotLeader => "not_leader",
@@ -58,7 +73,7 @@ impl ErrorCategory {
     pub fn retry_after(self) -> Duration {
         match self {
             Self::KubernetesConflict => Duration::from_millis(200),
-            Self::DynamoThrottled => Duration::from_secs(10),
+            Self::DynamoThrottled | Self::S3Throttled => Duration::from_secs(10),
             Self::NotLeader => Duration::from_secs(30),
             c if c.is_transient() => Duration::from_secs(5),
             _ => Duration::from_secs(60),

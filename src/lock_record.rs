@@ -27,6 +27,8 @@ pub struct LockRecord {
     pub info_sha256: Option<String>,
     /// What is wrong with the item; empty when it is a well-formed Terraform lock.
     pub problems: Vec<String>,
+    /// The stores this record was read from (set when the parts of a lock are put together).
+    pub stored_in: Vec<crate::lock_store::StoreKind>,
 }
 
 impl LockRecord {
@@ -182,6 +184,7 @@ pub fn spec_for(source: &str, record: &LockRecord) -> StateLockSpec {
         lock_info: record.info.clone(),
         info_sha256: record.info_sha256.clone(),
         raw_info: if record.is_valid() { None } else { record.raw_info.as_deref().map(|r| truncate(r, MAX_RAW_INFO_BYTES).to_owned()) },
+        stored_in: record.stored_in.clone(),
     }
 }
 

@@ -44,6 +44,17 @@ pub struct LockMetrics {
     pub stream_errors: Family<StreamCallLabels, Counter>,
     /// Full table Scans, per LockSource and why they ran.
     pub full_scans: Family<ScanLabels, Counter>,
+    /// S3 requests made for lock files, per LockSource and request class as S3 bills them
+    /// (`LIST`, `GET`, `DELETE`).
+    pub s3_requests: Family<S3RequestLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct S3RequestLabels {
+    pub namespace: String,
+    pub source: String,
+    /// `LIST` (ListObjectsV2), `GET` (GetObject) or `DELETE` (DeleteObject).
+    pub request: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -234,6 +245,7 @@ impl Default for Metrics {
             stream_requests: Family::default(),
             stream_errors: Family::default(),
             full_scans: Family::default(),
+            s3_requests: Family::default(),
         };
         let seconds = prometheus_client::registry::Unit::Seconds;
         registry.register("locks_held", "Locks held now, per LockSource (as last read by the leader)", locks.held.clone());
@@ -267,6 +279,11 @@ impl Default for Metrics {
             locks.stream_errors.clone(),
         );
         registry.register("dynamodb_full_scans", "Full table Scans run by the mirror, per LockSource and cause", locks.full_scans.clone());
+        registry.register(
+            "s3_requests",
+            "S3 requests made for lock files (LIST and GET by the mirror, GET and DELETE by releases), per LockSource and request class",
+            locks.s3_requests.clone(),
+        );
 
         let controllers =
             ControllerMetrics { reconcile_duration: Family::new_with_constructor(reconcile_buckets), reconcile_errors: Family::default() };

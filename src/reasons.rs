@@ -18,6 +18,9 @@ pub const HOLDER_DIED: &str = "HolderDied";
 pub const LOCK_EXPIRED: &str = "LockExpired";
 /// A release was due but the lock item had changed (re-taken): nothing was released. Warning.
 pub const RELEASE_SKIPPED: &str = "ReleaseSkipped";
+/// A release removed some parts of a lock (the lock file, say) and failed on another (the
+/// DynamoDB item): not a release; it is tried again. Warning.
+pub const LOCK_PARTIALLY_RELEASED: &str = "LockPartiallyReleased";
 /// statelock considered releasing a lock and did not (the reason is in `status.release`).
 pub const RELEASE_BLOCKED: &str = "ReleaseBlocked";
 /// The gateway saw a pod take a lock whose `Who` names another host: not recorded as the holder.

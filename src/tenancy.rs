@@ -28,7 +28,7 @@ pub struct TenancyPolicy {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "LockSource {namespace}/{name} names no credentials Secret, and LockSources in namespace {namespace} may not use the operator's own AWS identity (operator flag --aws-identity-namespaces); add spec.dynamodb.credentialsSecretRef"
+        "LockSource {namespace}/{name} names no credentials Secret, and LockSources in namespace {namespace} may not use the operator's own AWS identity (operator flag --aws-identity-namespaces); add credentialsSecretRef to spec.s3 and spec.dynamodb"
     )]
     OperatorIdentityNotAllowed { namespace: String, name: String },
     #[error(
@@ -82,13 +82,21 @@ impl TenancyPolicy {
         if let Some(problem) = source.spec.problems().into_iter().next() {
             return Err(Refusal::InvalidSpec { namespace, name, problem });
         }
-        if let Some(endpoint) = source.spec.dynamodb.endpoint.as_deref()
-            && !self.endpoint_allowed(endpoint)
-        {
-            return Err(Refusal::EndpointNotAllowed { namespace, name, endpoint: endpoint.to_owned() });
-        }
-        if source.spec.dynamodb.credentials_secret_ref.is_none() && !self.identity_namespaces.iter().any(|n| n == "*" || *n == namespace) {
-            return Err(Refusal::OperatorIdentityNotAllowed { namespace, name });
+        // Every part's endpoint must be allowed, and every part without a Secret of its own uses
+        // the operator's identity.
+        let parts = [
+            source.spec.s3.as_ref().map(|s| (s.endpoint.as_deref(), s.credentials_secret_ref.is_some())),
+            source.spec.dynamodb.as_ref().map(|d| (d.endpoint.as_deref(), d.credentials_secret_ref.is_some())),
+        ];
+        for (endpoint, has_secret) in parts.into_iter().flatten() {
+            if let Some(endpoint) = endpoint
+                && !self.endpoint_allowed(endpoint)
+            {
+                return Err(Refusal::EndpointNotAllowed { namespace, name, endpoint: endpoint.to_owned() });
+            }
+            if !has_secret && !self.identity_namespaces.iter().any(|n| n == "*" || *n == namespace) {
+                return Err(Refusal::OperatorIdentityNotAllowed { namespace, name });
+            }
         }
         Ok(())
     }
@@ -154,5 +162,34 @@ mod tests {
             assert_eq!(got.is_ok(), ok, "{endpoint}: {got:?}");
         }
         assert!(!TenancyPolicy::default().endpoint_allowed("http://127.0.0.1:8000"), "no endpoint by default");
+    }
+
+    #[test]
+    fn every_part_of_a_lock_source_is_checked() {
+        let with_s3 = |endpoint: &str, secret: bool| {
+            let mut s = source("team-a", None, true);
+            let mut part = serde_json::json!({"bucket": "tfstate", "region": "us-east-1", "endpoint": endpoint});
+            if secret {
+                part["credentialsSecretRef"] = serde_json::json!({"name": "s3-creds"});
+            }
+            s.spec.s3 = Some(serde_json::from_value(part).expect("s3 part"));
+            s
+        };
+        assert_eq!(policy().check(&with_s3("http://127.0.0.1:9000", true)), Ok(()));
+        assert_eq!(
+            policy().check(&with_s3("https://attacker.example", true)).map_err(|e| e.reason()),
+            Err("EndpointNotAllowed"),
+            "the bucket's endpoint is checked like the table's"
+        );
+        assert_eq!(
+            policy().check(&with_s3("http://127.0.0.1:9000", false)).map_err(|e| e.reason()),
+            Err("OperatorIdentityNotAllowed"),
+            "a bucket without a Secret of its own would use the operator's identity"
+        );
+        let mut s3_only = with_s3("http://127.0.0.1:9000", true);
+        s3_only.spec.dynamodb = None;
+        assert_eq!(policy().check(&s3_only), Ok(()));
+        s3_only.spec.s3 = None;
+        assert_eq!(policy().check(&s3_only).map_err(|e| e.reason()), Err("InvalidSpec"), "a LockSource with no store");
     }
 }

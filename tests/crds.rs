@@ -47,6 +47,7 @@ fn statelocks_print_exactly_the_documented_columns() {
         ("Age", "date", ".spec.lockInfo.created", 0),
         ("Lock-ID", "string", ".spec.lockInfo.id", 1),
         ("Source", "string", ".spec.source", 1),
+        ("Stored-In", "string", ".spec.storedIn", 1),
         ("Waiters", "integer", ".status.contention.waiterCount", 1),
     ]
     .map(|(n, t, p, pr)| (n.to_owned(), t.to_owned(), p.to_owned(), pr));

@@ -499,7 +499,7 @@ async fn readiness_waits_for_dynamodb_and_metrics_show_the_mirror() {
     };
     // Nothing listens at the table's endpoint yet: not ready, and /readyz says why.
     let (status, body) = eventually(Duration::from_secs(30), "a /readyz answer naming DynamoDB", || {
-        let r = readyz(&op).filter(|(_, b)| b.contains("dynamodb: no LockSource's DynamoDB table has been read yet; last error"));
+        let r = readyz(&op).filter(|(_, b)| b.contains("stores: no LockSource's lock store has been read yet; last error"));
         async move { r }
     })
     .await;

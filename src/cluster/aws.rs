@@ -38,13 +38,18 @@ pub struct SourceSdk {
     /// and server errors themselves, so retrying here too would multiply their attempts and hide
     /// DynamoDB's answer from them.
     pub passthrough: aws_sdk_dynamodb::Client,
+    /// The lock files' bucket, when the LockSource names one (`spec.s3`).
+    pub s3: Option<aws_sdk_s3::Client>,
+    /// Whether the bucket's endpoint honours `If-Match` on DeleteObject (probed before the first
+    /// release through these clients).
+    pub s3_if_match: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 struct Entry {
     /// The LockSource's UID and generation: another spec (or another LockSource of the same
     /// name) gets new clients.
     spec: String,
-    /// SHA-256 of the credentials (never kept in clear outside the SDK).
+    /// SHA-256 of the credentials of every part (never kept in clear outside the SDK).
     credentials: String,
     read_at: Instant,
     sdk: Arc<SourceSdk>,
@@ -69,7 +74,7 @@ impl SourceClients {
             return Ok(e.sdk.clone());
         }
         let creds = source_credentials::for_source(client, tenancy, source).await?;
-        let credentials = fingerprint(creds.as_ref());
+        let credentials = format!("{}/{}", fingerprint(creds.s3.as_ref()), fingerprint(creds.dynamodb.as_ref()));
         if let Some(e) = self.lock().get_mut(&key)
             && e.spec == spec
             && e.credentials == credentials
@@ -77,14 +82,31 @@ impl SourceClients {
             e.read_at = Instant::now();
             return Ok(e.sdk.clone());
         }
-        let d = &source.spec.dynamodb;
-        let config = sdk_config(&d.region, d.endpoint.as_deref(), creds).await;
+        // The DynamoDB clients are built for an S3-only LockSource too (with the bucket's region),
+        // but nothing calls them: the stores are chosen by the spec (`lock_store::stores_of`).
+        let (region, endpoint) = match (&source.spec.dynamodb, &source.spec.s3) {
+            (Some(d), _) => (d.region.as_str(), d.endpoint.as_deref()),
+            (None, Some(s)) => (s.region.as_str(), None),
+            (None, None) => ("us-east-1", None),
+        };
+        let config = sdk_config(region, endpoint, creds.dynamodb).await;
+        let s3 = match &source.spec.s3 {
+            Some(s) => {
+                let c = sdk_config(&s.region, s.endpoint.as_deref(), creds.s3).await;
+                // Path-style addressing with an endpoint of one's own (S3-compatible servers).
+                let conf = aws_sdk_s3::config::Builder::from(&c).force_path_style(s.endpoint.is_some()).build();
+                Some(aws_sdk_s3::Client::from_conf(conf))
+            }
+            None => None,
+        };
         let sdk = Arc::new(SourceSdk {
             table: aws_sdk_dynamodb::Client::new(&config),
             streams: aws_sdk_dynamodbstreams::Client::new(&config),
             passthrough: aws_sdk_dynamodb::Client::from_conf(
                 aws_sdk_dynamodb::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build(),
             ),
+            s3,
+            s3_if_match: Arc::default(),
         });
         // Another caller may have built clients for the same spec and credentials meanwhile:
         // keep those, so that every component holds the same clients (the mirror reopens its

@@ -1,4 +1,6 @@
-//! `LockSource`: a DynamoDB lock table, and how statelock treats the locks in it.
+//! `LockSource`: a Terraform lock store (S3 lock files, a DynamoDB lock table, or both, as a
+//! backend that sets `use_lockfile` and `dynamodb_table` uses them), and how statelock treats the
+//! locks in it.
 
 // clippy reads the repeated `printcolumn(type_ = ...)` arguments of `#[kube]` as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
@@ -10,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::GoDuration;
 
-/// A DynamoDB table holding Terraform/OpenTofu state locks, and the policy statelock applies to them.
+/// Where Terraform/OpenTofu keeps state locks (S3 lock files, a DynamoDB table, or both), and the
+/// policy statelock applies to them.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
     group = "statelock.dev",
@@ -22,7 +25,8 @@ use super::GoDuration;
     namespaced,
     status = "LockSourceStatus",
     derive = "PartialEq",
-    doc = "A DynamoDB table of Terraform/OpenTofu state locks that statelock mirrors into StateLocks in this namespace, and the policy for expiring them.",
+    doc = "Where Terraform/OpenTofu keeps state locks (S3 lock files, a DynamoDB table, or both) that statelock mirrors into StateLocks in this namespace, and the policy for expiring them.",
+    printcolumn(name = "Bucket", type_ = "string", json_path = ".spec.s3.bucket", description = "The S3 bucket of the lock files"),
     printcolumn(name = "Table", type_ = "string", json_path = ".spec.dynamodb.tableName", description = "The DynamoDB table"),
     printcolumn(name = "Expiry", type_ = "string", json_path = ".spec.expiry.mode", description = "Release or Observe"),
     printcolumn(name = "Sync", type_ = "string", json_path = ".status.syncMode", description = "The sync mode in use"),
@@ -36,9 +40,19 @@ use super::GoDuration;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp", description = "Age of the LockSource")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.s3) || has(self.dynamodb)", "message": "a LockSource names spec.s3 (lock files), spec.dynamodb (a lock table), or both"},
+]))]
 pub struct LockSourceSpec {
-    /// The DynamoDB table and how to reach it.
-    pub dynamodb: DynamoDbTable,
+    /// The S3 lock files (`use_lockfile = true`, Terraform 1.11+ and OpenTofu 1.10+): the state
+    /// bucket and the key prefix under which lock files are looked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3LockFiles>,
+
+    /// The DynamoDB table (`dynamodb_table`) and how to reach it. With `s3` too, a lock is one
+    /// StateLock whose parts are the lock file and the item, and releasing it releases both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamodb: Option<DynamoDbTable>,
 
     /// How statelock keeps its StateLocks in step with the table.
     #[serde(default)]
@@ -77,6 +91,37 @@ pub struct DynamoDbTable {
 
     /// A Secret in this namespace holding static AWS credentials for the table. Unset means the
     /// operator's default credential chain (environment, IRSA web identity, instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<CredentialsSecretRef>,
+}
+
+/// The lock files of a state bucket.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3LockFiles {
+    /// The state bucket, as in the backend's `bucket`.
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"))]
+    pub bucket: String,
+
+    /// Only lock files whose key starts with this prefix are mirrored (for example `team-a/`, or
+    /// `env:/` for workspaces only). Empty (the default) means the whole bucket. The listing also
+    /// returns the state objects under the prefix (S3 cannot filter by suffix); they are never read.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub prefix: String,
+
+    /// The AWS region of the bucket, e.g. `eu-west-1`.
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,64}$"))]
+    pub region: String,
+
+    /// An endpoint URL overriding the regional S3 endpoint (S3-compatible servers, VPC
+    /// endpoints); path-style addressing is used with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s/?#]+(/[^\s]*)?$"))]
+    pub endpoint: Option<String>,
+
+    /// A Secret in this namespace holding static AWS credentials for the bucket. Unset means the
+    /// operator's default credential chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<CredentialsSecretRef>,
 }
@@ -305,6 +350,14 @@ impl LockSourceSpec {
     /// What is wrong with the spec, in words; empty when it can be served.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.s3.is_none() && self.dynamodb.is_none() {
+            out.push("the LockSource names neither spec.s3 (lock files) nor spec.dynamodb (a lock table)".into());
+        }
+        if let Some(s3) = &self.s3
+            && s3.bucket.is_empty()
+        {
+            out.push("spec.s3.bucket is empty".into());
+        }
         let bounded = |what: &str, d: &GoDuration, max: std::time::Duration, out: &mut Vec<String>| {
             if let Some(p) = d.problem() {
                 out.push(format!("{what}: {p}"));

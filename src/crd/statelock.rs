@@ -1,4 +1,5 @@
-//! `StateLock`: one held Terraform/OpenTofu state lock, mirrored from a lock table.
+//! `StateLock`: one held Terraform/OpenTofu state lock, mirrored from its lock store (an S3 lock
+//! file, a DynamoDB item, or both).
 
 // clippy reads the repeated `printcolumn(type_ = ...)` arguments of `#[kube]` as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "StateLockStatus",
     derive = "PartialEq",
-    doc = "A Terraform/OpenTofu state lock currently held in a LockSource's DynamoDB table, with its holder and whether that holder is alive.",
+    doc = "A Terraform/OpenTofu state lock currently held in a LockSource's lock store (an S3 lock file, a DynamoDB item, or both), with its holder and whether that holder is alive.",
     printcolumn(
         name = "Path",
         type_ = "string",
@@ -66,6 +67,13 @@ use serde::{Deserialize, Serialize};
         description = "The LockSource whose table holds the lock"
     ),
     printcolumn(
+        name = "Stored-In",
+        type_ = "string",
+        json_path = ".spec.storedIn",
+        priority = "1",
+        description = "Where the lock's parts are: S3 (a lock file), DynamoDB (an item), or both"
+    ),
+    printcolumn(
         name = "Waiters",
         type_ = "integer",
         json_path = ".status.contention.waiterCount",
@@ -75,12 +83,13 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StateLockSpec {
-    /// Name of the LockSource, in this namespace, whose DynamoDB table holds the lock item.
+    /// Name of the LockSource, in this namespace, whose store holds the lock.
     #[schemars(length(min = 1, max = 253))]
     pub source: String,
 
-    /// The DynamoDB `LockID` key of the lock item: `<bucket>/<key>`, or
-    /// `<bucket>/env:/<workspace>/<key>` for a non-default workspace.
+    /// The lock's ID as DynamoDB spells it (the `LockID` key of the item): `<bucket>/<key>`, or
+    /// `<bucket>/env:/<workspace>/<key>` for a non-default workspace. Its lock file is
+    /// `<key>.tflock` in the bucket.
     #[schemars(length(min = 1, max = 2048))]
     pub lock_id: String,
 
@@ -100,6 +109,14 @@ pub struct StateLockSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub raw_info: Option<String>,
+
+    /// Where the lock's parts were seen: `S3` (the lock file), `DynamoDB` (the item), or both (a
+    /// backend with `use_lockfile` and `dynamodb_table`). A release releases every part, each
+    /// conditioned on the exact instance read from its store at that moment (this list is a
+    /// hint, never the facts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    pub stored_in: Vec<crate::lock_store::StoreKind>,
 }
 
 /// The fields of Terraform's `LockInfo` record (`statemgr.LockInfo`), as written by Terraform and

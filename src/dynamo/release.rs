@@ -6,16 +6,7 @@ use sha2::{Digest, Sha256};
 
 use super::{DynamoError, SdkFailure, get_item};
 
-/// What a release attempt did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReleaseOutcome {
-    /// The lock instance was deleted.
-    Released,
-    /// There was no lock item any more: nothing to do.
-    AlreadyGone,
-    /// The item is another lock instance now (re-taken, or changed): nothing was deleted.
-    HeldByAnother,
-}
+pub use crate::lock_store::ReleaseOutcome;
 
 /// Delete the lock item `lock_id` only if it still carries the `Info` whose SHA-256 is
 /// `info_sha256`: a consistent read first, then a DeleteItem conditioned on that exact Info, so

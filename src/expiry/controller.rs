@@ -1,7 +1,8 @@
 //! The expiry controller: for each StateLock, resolve the holder, judge it
 //! ([`holder_liveness::judge`]), record the verdict in status, and release the lock only on
-//! evidence of death held for the grace period ([`super::decision`]), through a delete conditioned
-//! on the exact Info read ([`crate::dynamo::release::delete_if_info`]).
+//! evidence of death held for the grace period ([`super::decision`]), through deletes conditioned
+//! on the exact instance read from each store ([`crate::lock_store`]: the Info of a DynamoDB item,
+//! the ETag of a lock file).
 //!
 //! Reconciles are event-driven: pod changes map to the StateLocks whose holder they may be (by
 //! hostname or recorded pod), and a pending decision is requeued for the moment its grace period
@@ -43,16 +44,12 @@ use crate::{
         DeathEvidence, EstablishedHolder, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, ReleaseStatus, StateLock,
         StateLockStatus,
     },
-    dynamo::{
-        self,
-        lock_item::{TableItem, parse_item},
-        release::{ReleaseOutcome, delete_if_info},
-        source_credentials::SourceAccessError,
-    },
+    dynamo::source_credentials::SourceAccessError,
     errors::ErrorCategory,
     leader::Leadership,
     lock_record::{LockRecord, parse_created, split_who},
-    metrics::{ControllerLabels, ControllerName, ErrorLabels, ExpirationLabels, Metrics},
+    lock_store::{Combined, HeldPart, ReleaseOutcome, StoreError, StoreKind, combine, stores_of},
+    metrics::{ControllerLabels, ControllerName, ErrorLabels, ExpirationLabels, Metrics, S3RequestLabels},
     reasons,
     tenancy::TenancyPolicy,
 };
@@ -86,11 +83,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// The LockSource's DynamoDB client (the shared one, after the tenancy check).
-    async fn dynamodb(&self, source: &LockSource) -> Result<aws_sdk_dynamodb::Client, ExpiryError> {
-        Ok(self.aws.get(&self.client, &self.tenancy, source).await?.table.clone())
-    }
-
     fn ensure_leader(&self) -> Result<(), ExpiryError> {
         if self.leader.is_leader() { Ok(()) } else { Err(ExpiryError::NotLeader) }
     }
@@ -102,7 +94,7 @@ pub enum ExpiryError {
     #[error("failed to write the status of StateLock {name}: {error}")]
     WriteStatus { name: String, error: kube::Error },
     #[error(transparent)]
-    Dynamo(#[from] dynamo::DynamoError),
+    Store(#[from] StoreError),
     #[error(transparent)]
     Credentials(#[from] SourceAccessError),
     #[error("this replica stopped leading; nothing written")]
@@ -113,7 +105,7 @@ impl ExpiryError {
     pub fn category(&self) -> ErrorCategory {
         match self {
             Self::WriteStatus { error, .. } => ErrorCategory::of_kube(error),
-            Self::Dynamo(e) => e.category(),
+            Self::Store(e) => e.category(),
             Self::Credentials(e) => e.category(),
             Self::NotLeader => ErrorCategory::NotLeader,
         }
@@ -285,37 +277,48 @@ fn error_policy(_: Arc<StateLock>, e: &ExpiryError, _: Arc<Context>) -> Action {
     Action::requeue(category.retry_after())
 }
 
-/// What the authorities say right now: the lock item from a strongly consistent read, and the
-/// pods read directly from the API (never from the cache).
+/// What the authorities say right now: every part of the lock from strongly consistent reads of
+/// its stores, and the pods read directly from the API (never from the cache).
 #[allow(clippy::large_enum_variant)] // one per release decision
 enum Authority {
-    /// There is no lock item any more.
+    /// No part of the lock exists any more.
     LockGone,
     Present {
         record: Box<LockRecord>,
-        /// The exact Info, which the conditional delete is conditioned on.
-        raw_info: String,
+        /// The parts as read, each with the exact instance its conditional delete is conditioned on.
+        parts: Vec<HeldPart>,
         verdict: Verdict,
     },
 }
 
 async fn read_authorities(ctx: &Context, source: &LockSource, lock: &StateLock, policy: &HolderPolicy) -> Result<Authority, ExpiryError> {
-    let db = ctx.dynamodb(source).await?;
-    let table = &source.spec.dynamodb.table_name;
-    let (item, _) = dynamo::get_item(&db, table, &lock.spec.lock_id).await?;
-    let Some(item) = item else { return Ok(Authority::LockGone) };
-    let record = match parse_item(&item) {
-        TableItem::Lock(r) => r,
-        TableItem::Digest { .. } | TableItem::Unusable { .. } => {
-            return Ok(Authority::Present {
-                record: Box::default(),
-                raw_info: String::new(),
-                verdict: unknown(Reason::LockMalformed, "the item under this LockID is not a lock record; nothing is released"),
-            });
+    let sdk = ctx.aws.get(&ctx.client, &ctx.tenancy, source).await?;
+    let stores = stores_of(&source.spec, &sdk);
+    // A lock some store of the LockSource may not touch (a lock file outside its prefix, through an
+    // edited spec.lockId, say) is judged by none: releasing only the other part would not free it.
+    if let Some(store) = stores.iter().find(|s| !s.covers(&lock.spec.lock_id)) {
+        let message = format!(
+            "the {} of {} is outside what this LockSource may touch (spec.s3.prefix, or a key with empty, . or .. segments); nothing is released",
+            store.kind().part_name(),
+            lock.spec.lock_id
+        );
+        return Ok(Authority::Present { record: Box::default(), parts: Vec::new(), verdict: unknown(Reason::LockMalformed, message) });
+    }
+    let mut parts = Vec::new();
+    for store in &stores {
+        if let Some(part) = store.read(&lock.spec.lock_id).await? {
+            parts.push(part);
+        }
+    }
+    let record = match combine(&lock.spec.lock_id, &parts) {
+        Combined::Gone => return Ok(Authority::LockGone),
+        Combined::Lock(r) => Box::new(r),
+        Combined::Disagree(r) => {
+            let message = format!("{}; nothing is released", r.problems.join("; "));
+            return Ok(Authority::Present { record: Box::new(r), parts, verdict: unknown(Reason::LockMalformed, message) });
         }
     };
     let facts = authoritative_facts(&record);
-    let raw_info = record.raw_info.clone().unwrap_or_default();
     let status = lock.status.clone().unwrap_or_default();
     let recorded =
         recorded_holder(&status, &source.name_any(), record.info.id.as_deref(), facts.info_sha256.as_deref(), facts.hostname.as_deref());
@@ -350,7 +353,7 @@ async fn read_authorities(ctx: &Context, source: &LockSource, lock: &StateLock, 
             policy,
         });
     }
-    Ok(Authority::Present { record, raw_info, verdict })
+    Ok(Authority::Present { record, parts, verdict })
 }
 
 /// Every pod of the holder namespaces, read directly (paginated), so that a pod yielding the
@@ -463,10 +466,10 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                 }
                 return Ok(Action::requeue(Duration::from_secs(5)));
             }
-            Ok(Authority::Present { record, raw_info, verdict: v }) => {
+            Ok(Authority::Present { record, parts, verdict: v }) => {
                 verdict = v;
                 from_authority = true;
-                authority = Some((record, raw_info));
+                authority = Some((record, parts));
             }
             Err(e) => {
                 warn!(error = %e, lock = %lock.spec.lock_id, "could not read the authorities; nothing is decided");
@@ -506,7 +509,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                 publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &note, None).await;
             }
             UnlockStep::Release => {
-                if let Some((_, raw_info)) = &authority {
+                if let Some((_, parts)) = &authority {
                     let report = ReleaseReport {
                         metric_reason: "ForceUnlock".into(),
                         event_reason: reasons::FORCE_UNLOCKED,
@@ -514,7 +517,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                         pod: None,
                         skipped_note: "the lock item changed since it was read; nothing was released",
                     };
-                    unlock_released = release_and_report(&ctx, &source, &lock, raw_info, report).await?;
+                    unlock_released = release_and_report(&ctx, &source, &lock, parts, report).await?;
                 }
             }
             UnlockStep::WrongId { requested, actual } => {
@@ -533,7 +536,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     let mut expired = None;
     if decided.expiry == ExpiryStep::Release
         && !unlock_released
-        && let Some((record, raw_info)) = &authority
+        && let Some((record, parts)) = &authority
     {
         let report = ReleaseReport {
             metric_reason: verdict.reason.as_str().to_owned(),
@@ -548,7 +551,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             pod: verdict.pod.as_ref(),
             skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
         };
-        expired = Some(release_and_report(&ctx, &source, &lock, raw_info, report).await?);
+        expired = Some(release_and_report(&ctx, &source, &lock, parts, report).await?);
     }
     let outcome = decision::settle(&input, &decided, unlock_released, expired);
     report_blocked(&ctx, &lock, &previous, outcome.blocked.as_ref(), verdict.pod.as_ref()).await;
@@ -589,32 +592,90 @@ struct ReleaseReport<'a> {
     skipped_note: &'static str,
 }
 
-/// Release the exact lock instance (the Info read from the authority) and report the outcome;
-/// true when the item is gone (released now, or already), false when it had changed and nothing
-/// was released.
+/// Release every part of the exact lock instance read from the authorities (each delete
+/// conditioned on that part's instance: the Info of an item, the ETag of a file) and report the
+/// outcome; true when every part is gone (released now, or already), false when a part had
+/// changed and the release stopped there. A release that removed some parts and then failed is
+/// reported as partial (never as a release) and tried again: the remaining parts are read and
+/// judged afresh.
 async fn release_and_report(
     ctx: &Context,
     source: &LockSource,
     lock: &StateLock,
-    raw_info: &str,
+    parts: &[HeldPart],
     report: ReleaseReport<'_>,
 ) -> Result<bool, ExpiryError> {
-    let db = ctx.dynamodb(source).await?;
+    // Only the parts of one lock instance are ever released together (the judgement holds for
+    // that instance alone).
+    if !matches!(combine(&lock.spec.lock_id, parts), Combined::Lock(_)) {
+        publish(ctx, lock, reasons::RELEASE_SKIPPED, "the parts of this lock do not hold one lock instance; nothing was released", None)
+            .await;
+        return Ok(false);
+    }
+    let sdk = ctx.aws.get(&ctx.client, &ctx.tenancy, source).await?;
+    let stores = stores_of(&source.spec, &sdk);
     // The last moment to notice that another replica may be judging this lock now.
     ctx.ensure_leader()?;
-    match delete_if_info(&db, &source.spec.dynamodb.table_name, &lock.spec.lock_id, raw_info).await? {
-        ReleaseOutcome::Released => {
-            ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: report.metric_reason }).inc();
-            info!(lock = %lock.spec.lock_id, reason = report.event_reason, "lock released");
-            publish(ctx, lock, report.event_reason, &report.note, report.pod).await;
-            Ok(true)
-        }
-        ReleaseOutcome::AlreadyGone => Ok(true),
-        ReleaseOutcome::HeldByAnother => {
-            publish(ctx, lock, reasons::RELEASE_SKIPPED, report.skipped_note, None).await;
-            Ok(false)
+    let mut released: Vec<StoreKind> = Vec::new();
+    for part in parts {
+        let Some(store) = stores.iter().find(|s| s.kind() == part.kind) else { continue };
+        match store.release(&lock.spec.lock_id, part).await {
+            Ok(ReleaseOutcome::Released) => {
+                if part.kind == StoreKind::S3 {
+                    count_s3(ctx, source, "DELETE");
+                }
+                released.push(part.kind);
+            }
+            Ok(ReleaseOutcome::AlreadyGone) => {}
+            // A conditional DeleteItem also fails when the item is gone (its holder unlocked in
+            // the meantime): only a part that is still there is another lock.
+            Ok(ReleaseOutcome::HeldByAnother) if matches!(store.read(&lock.spec.lock_id).await, Ok(None)) => {}
+            Ok(ReleaseOutcome::HeldByAnother) => {
+                if released.is_empty() {
+                    publish(ctx, lock, reasons::RELEASE_SKIPPED, report.skipped_note, None).await;
+                } else {
+                    let note = format!(
+                        "released the {} of lock {}, but the {} changed since it was judged (re-taken or updated) and was not released",
+                        parts_text(&released),
+                        lock.spec.lock_id,
+                        part.kind.part_name()
+                    );
+                    ctx.writer.publish(lock, reasons::LOCK_PARTIALLY_RELEASED, true, &note, None).await;
+                }
+                return Ok(false);
+            }
+            Err(e) => {
+                if !released.is_empty() {
+                    let note = format!(
+                        "released the {} of lock {} but not the {}: {e}; trying again",
+                        parts_text(&released),
+                        lock.spec.lock_id,
+                        part.kind.part_name()
+                    );
+                    warn!(lock = %lock.spec.lock_id, error = %e, "partial release");
+                    ctx.writer.publish(lock, reasons::LOCK_PARTIALLY_RELEASED, true, &note, None).await;
+                }
+                return Err(e.into());
+            }
         }
     }
+    if released.is_empty() {
+        return Ok(true);
+    }
+    ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: report.metric_reason }).inc();
+    info!(lock = %lock.spec.lock_id, reason = report.event_reason, parts = %parts_text(&released), "lock released");
+    let note = if parts.len() > 1 { format!("{} ({} released)", report.note, parts_text(&released)) } else { report.note };
+    publish(ctx, lock, report.event_reason, &note, report.pod).await;
+    Ok(true)
+}
+
+fn parts_text(kinds: &[StoreKind]) -> String {
+    kinds.iter().map(|k| k.part_name()).collect::<Vec<_>>().join(" and ")
+}
+
+fn count_s3(ctx: &Context, source: &LockSource, request: &str) {
+    let labels = S3RequestLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any(), request: request.into() };
+    ctx.metrics.locks.s3_requests.get_or_create(&labels).inc();
 }
 
 async fn publish(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>) {

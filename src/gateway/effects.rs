@@ -32,6 +32,7 @@ use crate::{
     cluster::writer::{LockWriter, Writer},
     crd::{LockSource, StateLock, state_lock_name},
     lock_record::{LockRecord, human, parse_created, spec_for, split_who},
+    lock_store::StoreKind,
     metrics::{GatewayMetrics, LockMetrics, Metrics, WaitLabels, WaitOutcome},
     reasons,
 };
@@ -384,7 +385,11 @@ impl Effects {
         pod: Option<&Pod>,
         grants: u32,
     ) -> Result<StateLock, kube::Error> {
-        let mut obj = self.writer.apply_spec(source, name, &spec_for(&source.name_any(), record)).await?;
+        // The gateway sees the DynamoDB part; a client of a LockSource with lock files too takes
+        // its lock file first (the mirror corrects this hint when that is not so).
+        let mut spec = spec_for(&source.name_any(), record);
+        spec.stored_in = if source.spec.s3.is_some() { vec![StoreKind::S3, StoreKind::DynamoDB] } else { vec![StoreKind::DynamoDB] };
+        let mut obj = self.writer.apply_spec(source, name, &spec).await?;
         // The caller was identified from the pod cache, which may lag (a deleted pod's address
         // given to its successor): record it only if a direct read shows the same pod, running.
         let confirmed = match pod {

@@ -198,7 +198,7 @@ fn choose_source(
     let mut candidates: Vec<Arc<LockSource>> = sources
         .state()
         .into_iter()
-        .filter(|s| s.spec.dynamodb.table_name == table && region.is_none_or(|r| s.spec.dynamodb.region == r))
+        .filter(|s| s.spec.dynamodb.as_ref().is_some_and(|d| d.table_name == table && region.is_none_or(|r| d.region == r)))
         .collect();
     if candidates.is_empty() {
         return Err(DynamoErrorBody::resource_not_found(table));
@@ -237,7 +237,10 @@ fn choose_source(
         many => {
             let names: Vec<String> = many
                 .iter()
-                .map(|s| format!("{}/{} ({})", s.namespace().unwrap_or_default(), s.name_any(), s.spec.dynamodb.region))
+                .map(|s| {
+                    let region = s.spec.dynamodb.as_ref().map(|d| d.region.as_str()).unwrap_or_default();
+                    format!("{}/{} ({region})", s.namespace().unwrap_or_default(), s.name_any())
+                })
                 .collect();
             Err(DynamoErrorBody::validation(format!(
                 "the statelock gateway refuses to guess: LockSources {} all serve table {table}{} to this caller; sign the request for one region or narrow the LockSources' gateway.allowedNamespaces",
@@ -461,7 +464,8 @@ async fn client_for(gw: &Gateway, source: &LockSource) -> Result<aws_sdk_dynamod
 async fn forward(gw: &Gateway, source: &LockSource, req: &Request) -> Result<(Value, Option<Item>), DynamoErrorBody> {
     let db = client_for(gw, source).await?;
     // The caller's table name is the LockSource's; forward to it (never to another table).
-    let table = source.spec.dynamodb.table_name.as_str();
+    // Only LockSources with a table are ever chosen (see `choose_source`).
+    let table = source.spec.dynamodb.as_ref().map(|d| d.table_name.as_str()).unwrap_or_default();
     match req {
         Request::PutItem { item, condition, .. } => {
             let (expr, names, values) = condition_sdk(condition.as_ref());
@@ -516,7 +520,7 @@ async fn deny_event(gw: &Gateway, table: &str, pod: Option<&Pod>, message: &str)
         action: "Gateway".into(),
         secondary: None,
     };
-    for s in gw.caches.sources.state().iter().filter(|s| s.spec.dynamodb.table_name == table) {
+    for s in gw.caches.sources.state().iter().filter(|s| s.spec.dynamodb.as_ref().is_some_and(|d| d.table_name == table)) {
         let _ = gw.recorder.publish(&event, &s.object_ref(&())).await;
     }
     if let Some(p) = pod {

@@ -1,4 +1,8 @@
-//! The mirror: keeps each LockSource's StateLocks in step with its DynamoDB table.
+//! The mirror: keeps each LockSource's StateLocks in step with its lock stores.
+//!
+//! Lock files (`spec.s3`) are listed every interval and read only when their ETag is new; with a
+//! DynamoDB table too, a lock's file and item become one StateLock
+//! ([`crate::lock_store::merge_parts`]).
 //!
 //! One task per LockSource reads the table, plans the changes ([`plan`]) and applies them with
 //! server-side apply under the `statelock-mirror` field manager, writing only what changed. In
@@ -50,8 +54,9 @@ use crate::{
     errors::ErrorCategory,
     leader::Leadership,
     lock_record::LockRecord,
-    metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, ScanLabels, SourceLabels, StreamCallLabels},
-    reasons,
+    lock_store::StoreKind,
+    metrics::{ControllerLabels, ControllerName, ErrorLabels, Metrics, S3RequestLabels, ScanLabels, SourceLabels, StreamCallLabels},
+    reasons, s3,
     tenancy::TenancyPolicy,
 };
 
@@ -127,6 +132,8 @@ pub enum SyncError {
     ReadCredentials(#[from] dynamo::source_credentials::SourceAccessError),
     #[error(transparent)]
     Dynamo(#[from] dynamo::DynamoError),
+    #[error(transparent)]
+    S3(#[from] crate::s3::S3Error),
     #[error("sync mode Streams needs a DynamoDB Stream on table {table}, and it has none")]
     StreamNotEnabled { table: String },
     #[error(transparent)]
@@ -144,6 +151,7 @@ impl SyncError {
         match self {
             Self::ReadCredentials(e) => e.category(),
             Self::Dynamo(e) => e.category(),
+            Self::S3(e) => e.category(),
             Self::StreamNotEnabled { .. } => ErrorCategory::DynamoRefused,
             Self::Stream(e) => e.category(),
             Self::ApplyStateLock { error, .. } | Self::DeleteStateLock { error, .. } => ErrorCategory::of_kube(error),
@@ -156,6 +164,7 @@ impl SyncError {
         match self {
             Self::ReadCredentials(e) => e.reason(),
             Self::Dynamo(_) => "TableUnreadable",
+            Self::S3(_) => "LockFilesUnreadable",
             Self::StreamNotEnabled { .. } => "StreamNotEnabled",
             Self::Stream(_) => "StreamUnreadable",
             Self::ApplyStateLock { .. } | Self::DeleteStateLock { .. } => "KubernetesApiError",
@@ -168,20 +177,33 @@ type SourceKey = (String, String);
 
 struct Running {
     fingerprint: String,
-    /// The table it mirrors.
-    table: TableKey,
+    /// The stores it mirrors.
+    stores: Vec<StoreKey>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
 
-/// A table as LockSources of one namespace name it: (namespace, table, region, endpoint,
-/// credentials Secret). Another Secret may be another AWS account's table of the same name.
-type TableKey = (String, String, String, Option<String>, Option<String>);
+/// A store as LockSources of one namespace name it: (namespace, kind, table or bucket, region,
+/// endpoint, credentials Secret). Another Secret may be another AWS account's store of the same
+/// name. A bucket is one store whatever the prefix (prefixes may overlap).
+type StoreKey = (String, &'static str, String, String, Option<String>, Option<String>);
 
-fn table_key(s: &LockSource) -> TableKey {
-    let d = &s.spec.dynamodb;
-    let secret = d.credentials_secret_ref.as_ref().map(|r| r.name.clone());
-    (s.namespace().unwrap_or_default(), d.table_name.clone(), d.region.clone(), d.endpoint.clone(), secret)
+fn store_keys(s: &LockSource) -> Vec<StoreKey> {
+    let ns = s.namespace().unwrap_or_default();
+    let secret = |r: &Option<crate::crd::CredentialsSecretRef>| r.as_ref().map(|r| r.name.clone());
+    let mut out = Vec::new();
+    if let Some(b) = &s.spec.s3 {
+        out.push((ns.clone(), "bucket", b.bucket.clone(), b.region.clone(), b.endpoint.clone(), secret(&b.credentials_secret_ref)));
+    }
+    if let Some(d) = &s.spec.dynamodb {
+        out.push((ns, "table", d.table_name.clone(), d.region.clone(), d.endpoint.clone(), secret(&d.credentials_secret_ref)));
+    }
+    out
+}
+
+/// The stores of a LockSource in words: `table t`, `bucket b`, `bucket b and table t`.
+fn stores_text(s: &LockSource) -> String {
+    store_keys(s).iter().map(|k| format!("{} {}", k.1, k.2)).collect::<Vec<_>>().join(" and ")
 }
 
 fn source_labels(source: &LockSource) -> SourceLabels {
@@ -191,13 +213,14 @@ fn source_labels(source: &LockSource) -> SourceLabels {
 /// Follow the LockSources (the shared cache) on every replica; while this replica leads, run one
 /// sync task per source until `shutdown`.
 ///
-/// Readiness: `locksources` opens once the LockSources were listed; `dynamodb` once one table
-/// could be read (a DescribeTable on every replica, so followers are checked too), or at once
+/// Readiness: `locksources` opens once the LockSources were listed; `stores` once one
+/// LockSource's stores could be read (a DescribeTable, a one-key listing, on every replica, so
+/// followers are checked too), or at once
 /// when there are no LockSources. One broken LockSource does not hold the operator back: it
 /// reports itself in its own Ready condition.
 pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: CancellationToken) {
     readiness.add_gate("locksources", "listing LockSources");
-    readiness.add_gate("dynamodb", "no LockSource's DynamoDB table has been read yet");
+    readiness.add_gate("stores", "no LockSource's lock store has been read yet");
     tokio::select! {
         () = ctx.cluster.sources_listed() => {},
         () = shutdown.cancelled() => return,
@@ -257,7 +280,7 @@ pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: Cancellation
             first = false;
             readiness.open("locksources");
             if known.is_empty() {
-                readiness.open("dynamodb");
+                readiness.open("stores");
             }
         }
         tokio::select! {
@@ -298,8 +321,8 @@ fn forget(
     ctx.metrics.locks.oldest_age.remove(&labels);
 }
 
-/// DescribeTable (free of read capacity) until it succeeds, to learn that DynamoDB can be reached
-/// with this source's credentials; opens the `dynamodb` readiness gate on the first success of
+/// [`reachable`] until it succeeds, to learn that the source's stores can be reached with its
+/// credentials; opens the `stores` readiness gate on the first success of
 /// any source. Retried every 2 s; stops once the gate is open or the source changed or went.
 async fn probe(
     ctx: Arc<Context>,
@@ -310,20 +333,20 @@ async fn probe(
 ) {
     while !dynamo_ok.load(Ordering::SeqCst) {
         let result = match ctx.cluster.aws.get(&ctx.client, &ctx.tenancy, &source).await {
-            Ok(sdk) => dynamo::stream_arn(&sdk.table, &source.spec.dynamodb.table_name).await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(sdk) => reachable(&sdk, &source).await,
             Err(e) => Err(e.to_string()),
         };
         match result {
             Ok(()) => {
                 if !dynamo_ok.swap(true, Ordering::SeqCst) {
-                    readiness.open("dynamodb");
+                    readiness.open("stores");
                 }
                 return;
             }
             Err(e) => {
                 warn!(source = %source.name_any(), error = %e, "could not read the LockSource's table; retrying");
                 if !dynamo_ok.load(Ordering::SeqCst) {
-                    readiness.close("dynamodb", format!("no LockSource's DynamoDB table has been read yet; last error: {e}"));
+                    readiness.close("stores", format!("no LockSource's lock store has been read yet; last error: {e}"));
                 }
             }
         }
@@ -332,6 +355,25 @@ async fn probe(
             () = cancel.cancelled() => return,
         }
     }
+}
+
+/// One call to each store of the source that costs nothing (DescribeTable) or next to nothing (a
+/// one-key listing).
+async fn reachable(sdk: &SourceSdk, source: &LockSource) -> Result<(), String> {
+    if let Some(d) = &source.spec.dynamodb {
+        dynamo::stream_arn(&sdk.table, &d.table_name).await.map_err(|e| e.to_string())?;
+    }
+    if let (Some(files), Some(client)) = (&source.spec.s3, &sdk.s3) {
+        client
+            .list_objects_v2()
+            .bucket(&files.bucket)
+            .prefix(&files.prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| format!("failed to list S3 bucket {}: {}", files.bucket, aws_sdk_s3::error::DisplayErrorContext(&e)))?;
+    }
+    Ok(())
 }
 
 fn key(src: &LockSource) -> SourceKey {
@@ -346,15 +388,17 @@ fn fingerprint(src: &LockSource) -> String {
 /// table name, region and endpoint), the first one's name. The one mirroring now stays first;
 /// otherwise the older object (creation timestamps have second precision), then the name.
 fn first_readers(wanted: &HashMap<SourceKey, LockSource>, running: &HashMap<SourceKey, Running>) -> HashMap<SourceKey, String> {
-    let mut by_table: BTreeMap<TableKey, Vec<&LockSource>> = BTreeMap::new();
+    let mut by_table: BTreeMap<StoreKey, Vec<&LockSource>> = BTreeMap::new();
     for s in wanted.values() {
-        by_table.entry(table_key(s)).or_default().push(s);
+        for k in store_keys(s) {
+            by_table.entry(k).or_default().push(s);
+        }
     }
     let mut out = HashMap::new();
     for (table, mut group) in by_table.into_iter().filter(|(_, g)| g.len() > 1) {
         // Mirroring this very table now (not one edited to point at it); after a restart or a
         // failover, the refusals written in status say who was first.
-        let incumbent = |s: &LockSource| running.get(&key(s)).is_some_and(|r| r.table == table);
+        let incumbent = |s: &LockSource| running.get(&key(s)).is_some_and(|r| r.stores.contains(&table));
         let refused = |s: &LockSource| {
             s.status
                 .as_ref()
@@ -363,7 +407,7 @@ fn first_readers(wanted: &HashMap<SourceKey, LockSource>, running: &HashMap<Sour
         group.sort_by_key(|s| (!incumbent(s), refused(s), s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
         let first = group[0].name_any();
         for s in &group[1..] {
-            out.insert(key(s), first.clone());
+            out.entry(key(s)).or_insert_with(|| first.clone());
         }
     }
     out
@@ -371,8 +415,8 @@ fn first_readers(wanted: &HashMap<SourceKey, LockSource>, running: &HashMap<Sour
 
 async fn refuse_duplicate(ctx: &Context, source: &LockSource, first: &str) {
     let message = format!(
-        "LockSource {first} in this namespace already mirrors table {}; one table is mirrored once per namespace,          so that each lock is one StateLock. Delete this LockSource, or put it in another namespace",
-        source.spec.dynamodb.table_name
+        "LockSource {first} in this namespace already mirrors {}; a lock store is mirrored once per namespace, so that each lock is one StateLock. Delete this LockSource, or put it in another namespace",
+        stores_text(source)
     );
     warn!(source = %source.name_any(), %first, "refusing a second LockSource on one table");
     let status = ready_status(source, None, false, "DuplicateTable", message, None);
@@ -393,11 +437,11 @@ async fn ensure(ctx: &Arc<Context>, running: &mut HashMap<SourceKey, Running>, s
         return;
     }
     stop(running, &k).await;
-    let table = table_key(&src);
+    let stores = store_keys(&src);
     let cancel = CancellationToken::new();
-    let span = info_span!("locksource", namespace = %k.0, name = %k.1, table = %src.spec.dynamodb.table_name);
+    let span = info_span!("locksource", namespace = %k.0, name = %k.1, stores = %stores_text(&src));
     let task = tokio::spawn(sync_source(ctx.clone(), src, cancel.clone()).instrument(span));
-    running.insert(k, Running { fingerprint, table, cancel, task });
+    running.insert(k, Running { fingerprint, stores, cancel, task });
 }
 
 async fn stop(running: &mut HashMap<SourceKey, Running>, k: &SourceKey) {
@@ -427,6 +471,8 @@ struct SourceState {
     catching_up: bool,
     /// The table as last read, by LockID (lock items only).
     table: BTreeMap<String, LockRecord>,
+    /// The lock files as last listed, by object key (`spec.s3`).
+    files: BTreeMap<String, LockFile>,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
     /// When the table's current stream ARN was last compared with the one followed.
@@ -439,6 +485,22 @@ struct SourceState {
     pages: u32,
     /// What this task wrote that the StateLock cache may not show yet, by StateLock name.
     written: HashMap<String, Written>,
+}
+
+/// A lock file as last read: the ETag of the body read, and its record. A listing that shows
+/// another ETag makes it read again; the same ETag is never read twice.
+struct LockFile {
+    etag: String,
+    record: LockRecord,
+}
+
+impl SourceState {
+    /// Every lock, its parts put together (one record per LockID).
+    fn records(&self) -> Vec<LockRecord> {
+        crate::lock_store::merge_parts(
+            self.files.values().map(|f| (StoreKind::S3, &f.record)).chain(self.table.values().map(|r| (StoreKind::DynamoDB, r))),
+        )
+    }
 }
 
 /// A write of the mirror's own, kept until the shared StateLock cache has caught up with it, so
@@ -543,7 +605,12 @@ fn observe_pass(ctx: &Context, source: &LockSource, state: &SourceState, started
             let labels = source_labels(source);
             ctx.metrics.locks.held.get_or_create(&labels).set(i64::from(pass.locks));
             let now = Timestamp::now().as_nanosecond();
-            let oldest = state.table.values().filter_map(|r| r.info.created.as_deref().and_then(crate::lock_record::parse_created)).min();
+            let oldest = state
+                .table
+                .values()
+                .chain(state.files.values().map(|f| &f.record))
+                .filter_map(|r| r.info.created.as_deref().and_then(crate::lock_record::parse_created))
+                .min();
             ctx.metrics.locks.oldest_age.get_or_create(&labels).set(oldest.map_or(0, |c| ((now - c).max(0) / 1_000_000_000) as i64));
         }
         Err(e) => {
@@ -632,7 +699,8 @@ async fn follow(
         if state.last_arn_check.is_none_or(|t| t.elapsed() >= ARN_CHECK) {
             state.last_arn_check = Some(Instant::now());
             if let Some(clients) = state.clients.clone() {
-                match dynamo::stream_arn(&clients.table, &source.spec.dynamodb.table_name).await {
+                let table = source.spec.dynamodb.as_ref().map(|d| d.table_name.as_str()).unwrap_or_default();
+                match dynamo::stream_arn(&clients.table, table).await {
                     Ok(arn) if arn.as_deref() != state.stream.as_ref().map(StreamReader::arn) => {
                         let now = arn.as_deref().unwrap_or("none");
                         info!(stream = now, "the table's stream was replaced; reopening it");
@@ -778,7 +846,26 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
         state.stream = None;
         state.scanned = false;
     }
-    let table = &source.spec.dynamodb.table_name;
+    // Lock files: listed every pass (there is no stream of them yet), read when their ETag is new.
+    // A failed listing keeps the last one; with a table too, the table's pass goes on and the
+    // failure is reported at its end.
+    let mut files_error = None;
+    if let Some(files) = &source.spec.s3
+        && let Err(e) = refresh_files(ctx, source, state, files, &clients).await
+    {
+        if source.spec.dynamodb.is_none() {
+            return Err(e);
+        }
+        files_error = Some(e);
+    }
+    let Some(dynamodb) = &source.spec.dynamodb else {
+        // Lock files only: what the listing said is the truth of this pass.
+        state.mode = None;
+        state.scanned = true;
+        let locks = reconcile(ctx, source, state).await?;
+        return Ok(PassSummary { items: state.items, locks, pages: state.pages });
+    };
+    let table = &dynamodb.table_name;
     if state.stream_refused_until.as_ref().is_some_and(|(t, _)| Instant::now() >= *t) {
         state.stream_refused_until = None;
     }
@@ -884,7 +971,81 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
         state.catching_up = false;
     }
     let locks = reconcile(ctx, source, state).await?;
+    if let Some(e) = files_error {
+        return Err(e);
+    }
     Ok(PassSummary { items: state.items, locks, pages: state.pages })
+}
+
+/// List the lock files under the prefix and read those whose ETag is new; `state.files` changes
+/// only when the listing succeeded (a failed listing leaves the last complete picture).
+async fn refresh_files(
+    ctx: &Context,
+    source: &LockSource,
+    state: &mut SourceState,
+    files: &crate::crd::S3LockFiles,
+    clients: &SourceSdk,
+) -> Result<(), SyncError> {
+    let Some(client) = &clients.s3 else { return Ok(()) };
+    let count = |request: &str, n: u64| {
+        let labels =
+            S3RequestLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any(), request: request.into() };
+        ctx.metrics.locks.s3_requests.get_or_create(&labels).inc_by(n);
+    };
+    let listing = s3::list_lock_files(client, &files.bucket, &files.prefix).await;
+    let listing = match listing {
+        Ok(l) => l,
+        Err(e) => {
+            count("LIST", 1);
+            return Err(e.into());
+        }
+    };
+    count("LIST", listing.list_requests);
+    let mut next = BTreeMap::new();
+    let mut gets = 0;
+    for f in listing.files {
+        if let Some(known) = state.files.get(&f.key).filter(|k| k.etag == f.etag) {
+            next.insert(f.key, LockFile { etag: known.etag.clone(), record: known.record.clone() });
+            continue;
+        }
+        if f.size > s3::MAX_LOCK_FILE_BYTES {
+            let Some(lock_id) = s3::lock_id_of(&files.bucket, &f.key) else { continue };
+            let mut record = LockRecord::without_info(lock_id);
+            record.problems =
+                vec![format!("the lock file is {} bytes, more than the {} a lock file can be; not read", f.size, s3::MAX_LOCK_FILE_BYTES)];
+            next.insert(f.key, LockFile { etag: f.etag, record });
+            continue;
+        }
+        gets += 1;
+        match s3::read_lock_file(client, &files.bucket, &f.key).await {
+            Ok(Some(read)) => {
+                next.insert(f.key, LockFile { etag: read.etag, record: read.record });
+            }
+            // Released between the listing and the read.
+            Ok(None) => {}
+            // One unreadable file (a KMS key the operator may not use, an archived object, a
+            // throttled read) holds back neither the others nor the pass: the last version read
+            // stays (and is read again next pass); a file never read is shown as unreadable.
+            Err(e) => {
+                warn!(key = %f.key, error = %e, "could not read a lock file");
+                let entry = match state.files.get(&f.key) {
+                    Some(known) => LockFile { etag: known.etag.clone(), record: known.record.clone() },
+                    None => {
+                        let Some(lock_id) = s3::lock_id_of(&files.bucket, &f.key) else { continue };
+                        let mut record = LockRecord::without_info(lock_id);
+                        record.problems = vec![format!("the lock file could not be read: {e}")];
+                        LockFile { etag: String::new(), record }
+                    }
+                };
+                next.insert(f.key, entry);
+            }
+        }
+    }
+    count("GET", gets);
+    state.items = next.len() + listing.other_objects as usize;
+    state.pages = u32::try_from(listing.list_requests).unwrap_or(u32::MAX);
+    state.files = next;
+    Ok(())
 }
 
 fn apply_item(table: &mut BTreeMap<String, LockRecord>, item: &HashMap<String, aws_sdk_dynamodb::types::AttributeValue>) {
@@ -937,7 +1098,7 @@ async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceSta
 /// (strongly consistent, so any later read gives its latest state); one that cannot be read now
 /// is remembered and read again first on the next call, and the rest is applied all the same.
 async fn apply_changes(ctx: &Context, source: &LockSource, state: &mut SourceState, changes: Vec<ItemChange>) -> Result<(), SyncError> {
-    let table = source.spec.dynamodb.table_name.clone();
+    let table = source.spec.dynamodb.as_ref().map(|d| d.table_name.clone()).unwrap_or_default();
     let mut first_error = None;
     let retry: Vec<ItemChange> = std::mem::take(&mut state.unread).into_iter().map(ItemChange::Touched).collect();
     for change in retry.into_iter().chain(changes) {
@@ -978,7 +1139,7 @@ async fn apply_changes(ctx: &Context, source: &LockSource, state: &mut SourceSta
 
 /// Plan against the StateLocks that exist and apply the plan; returns the lock count.
 async fn reconcile(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<i32, SyncError> {
-    let records: Vec<LockRecord> = state.table.values().cloned().collect();
+    let records = state.records();
     ctx.cluster.locks_listed().await;
     let existing_objs = existing_locks(ctx, source, &mut state.written);
     let existing: Vec<plan::ExistingLock> = existing_objs.iter().map(existing_lock).collect();

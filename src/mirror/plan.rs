@@ -237,6 +237,7 @@ mod tests {
             raw_info: Some(format!("{{\"ID\":\"{id}\"}}")),
             info_sha256: Some(format!("{:064}", id.len())),
             problems: vec![],
+            stored_in: vec![],
         }
     }
 

@@ -1,7 +1,9 @@
 //! A minimal in-memory S3 for the sandbox: path-style buckets and objects, just what Terraform's
 //! S3 backend does with its state (list the workspace prefix, HEAD, GET with or without a range,
-//! PUT, including the SDK's `aws-chunked` uploads, DELETE). Every bucket exists. Signatures are
-//! not checked.
+//! PUT, including the SDK's `aws-chunked` uploads, DELETE), and the conditional writes lock files
+//! need: `If-None-Match: *` on PUT (how Terraform 1.11+ takes a lock file) and `If-Match: <ETag>`
+//! on PUT and DELETE (how statelock releases one exactly), each checked and applied atomically.
+//! Every bucket exists. Signatures are not checked.
 
 use std::{
     collections::BTreeMap,
@@ -151,7 +153,14 @@ async fn handle(State(s3): State<MemoryS3>, req: Request) -> Response {
             };
             let object = Object { etag: etag(&data), data, modified: Timestamp::now() };
             let tag = object.etag.clone();
-            s3.lock().insert((bucket, key), object);
+            {
+                let mut objects = s3.lock();
+                let current = objects.get(&(bucket.clone(), key.clone())).map(|o| o.etag.as_str());
+                if let Some(refusal) = precondition(&headers, current, true) {
+                    return refusal;
+                }
+                objects.insert((bucket, key), object);
+            }
             let mut r = StatusCode::OK.into_response();
             if let Ok(v) = HeaderValue::from_str(&tag) {
                 r.headers_mut().insert(header::ETAG, v);
@@ -159,11 +168,37 @@ async fn handle(State(s3): State<MemoryS3>, req: Request) -> Response {
             r
         }
         (Method::DELETE, false) => {
-            s3.lock().remove(&(bucket, key));
+            let mut objects = s3.lock();
+            let current = objects.get(&(bucket.clone(), key.clone())).map(|o| o.etag.as_str());
+            if let Some(refusal) = precondition(&headers, current, false) {
+                return refusal;
+            }
+            objects.remove(&(bucket, key));
             StatusCode::NO_CONTENT.into_response()
         }
         (m, _) => error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", &format!("the sandbox S3 does not support {m} here")),
     }
+}
+
+/// The answer to a write whose `If-None-Match` / `If-Match` does not hold for the object's
+/// current ETag (`None`: no object), as S3 gives it; `None` when the write may go ahead.
+fn precondition(headers: &HeaderMap, current: Option<&str>, is_put: bool) -> Option<Response> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let failed =
+        || error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold");
+    if is_put && header("if-none-match") == Some("*") && current.is_some() {
+        return Some(failed());
+    }
+    if let Some(wanted) = header("if-match") {
+        let Some(current) = current else {
+            return Some(error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist."));
+        };
+        let unquote = |t: &str| t.trim_matches('"').to_owned();
+        if wanted != "*" && unquote(wanted) != unquote(current) {
+            return Some(failed());
+        }
+    }
+    None
 }
 
 fn get(s3: &MemoryS3, bucket: &str, key: &str, headers: &HeaderMap) -> Response {
@@ -237,6 +272,28 @@ mod tests {
         assert_eq!(decode_aws_chunked(trailer).as_deref(), Some(&b"{}\n"[..]));
         assert_eq!(decode_aws_chunked(b"zz\r\nno"), None);
         assert_eq!(decode_aws_chunked(b"5\r\nab"), None);
+    }
+
+    #[test]
+    fn conditional_writes_hold_as_s3_answers_them() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let status = |r: Option<Response>| r.map(|r| r.status().as_u16());
+        // Taking a lock file: only when there is none.
+        assert_eq!(status(precondition(&h(&[("if-none-match", "*")]), None, true)), None);
+        assert_eq!(status(precondition(&h(&[("if-none-match", "*")]), Some("\"a\""), true)), Some(412));
+        // Releasing exactly: the ETag judged, quoted or not; another ETag or no object refuses.
+        assert_eq!(status(precondition(&h(&[("if-match", "\"a\"")]), Some("\"a\""), false)), None);
+        assert_eq!(status(precondition(&h(&[("if-match", "a")]), Some("\"a\""), false)), None);
+        assert_eq!(status(precondition(&h(&[("if-match", "\"a\"")]), Some("\"b\""), false)), Some(412));
+        assert_eq!(status(precondition(&h(&[("if-match", "\"a\"")]), None, false)), Some(404));
+        // Unconditional writes (Terraform's own release) always go ahead.
+        assert_eq!(status(precondition(&h(&[]), Some("\"a\""), false)), None);
     }
 
     #[test]

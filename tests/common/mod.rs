@@ -274,6 +274,21 @@ impl Drop for DynamoServer {
 }
 
 /// Terraform's Info JSON for a lock, as captured from Terraform 1.11.4.
+/// An S3 client for a moto server at `url` (path-style, the tests' fake credentials).
+pub async fn s3_client(url: &str) -> aws_sdk_s3::Client {
+    let config = statelock::dynamo::sdk_config(
+        "us-east-1",
+        Some(url),
+        Some(statelock::dynamo::StaticCredentials {
+            access_key_id: "AKIAFAKE".into(),
+            secret_access_key: "fake".into(),
+            session_token: None,
+        }),
+    )
+    .await;
+    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
+}
+
 pub fn terraform_info(id: &str, who: &str, path: &str, created: &str) -> String {
     serde_json::json!({"ID": id, "Operation": "OperationTypeApply", "Info": "", "Who": who, "Version": "1.11.4", "Created": created, "Path": path}).to_string()
 }
@@ -503,6 +518,16 @@ impl Terraform {
                 "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{table}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoints = {{\n      s3 = \"{s3}\"\n      dynamodb = \"{dynamodb}\"\n    }}\n    use_path_style = true\n    skip_credentials_validation = true\n    skip_requesting_account_id = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
             )
         }
+    }
+
+    /// The backend block with S3 lock files (`use_lockfile = true`, 1.11+), and also the DynamoDB
+    /// table `table` when given (the migration setup: both parts are taken and released).
+    pub fn backend_lockfile(&self, endpoint: &str, key: &str, table: Option<&str>) -> String {
+        assert!(!self.is_legacy(), "use_lockfile needs Terraform 1.11+");
+        let table = table.map(|t| format!("    dynamodb_table = \"{t}\"\n")).unwrap_or_default();
+        format!(
+            "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{key}\"\n    region = \"us-east-1\"\n    use_lockfile = true\n{table}    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    endpoints = {{\n      s3 = \"{endpoint}\"\n      dynamodb = \"{endpoint}\"\n    }}\n    use_path_style = true\n    skip_credentials_validation = true\n    skip_requesting_account_id = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
+        )
     }
 
     /// A command in `dir`, run under `unshare -u` with `hostname` as the machine name, so that

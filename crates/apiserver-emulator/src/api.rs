@@ -1053,39 +1053,32 @@ impl Api {
                 }
             }
         }
-        // Garbage collection by ownerReferences.
+        // Garbage collection by ownerReferences, through the store's owner index.
         let mut gone = vec![uid.to_owned()];
         while let Some(owner) = gone.pop() {
-            for key in st.store.keys() {
-                for obj in st.store.all(&key) {
-                    // Borrowed, not cloned: this runs over every object for every delete.
-                    let Some(refs) = meta(&obj, "ownerReferences").as_array() else { continue };
-                    if !refs.iter().any(|r| r["uid"].as_str() == Some(owner.as_str())) {
-                        continue;
-                    }
-                    let live_owner = refs.iter().any(|r| {
-                        let ruid = r["uid"].as_str().unwrap_or_default();
-                        ruid != owner
-                            && st.store.keys().iter().any(|k| st.store.all(k).iter().any(|o| meta(o, "uid").as_str() == Some(ruid)))
-                    });
-                    if live_owner {
-                        continue;
-                    }
-                    let n = meta(&obj, "name").as_str().unwrap_or_default().to_owned();
-                    let o_ns = meta(&obj, "namespace").as_str().unwrap_or_default().to_owned();
-                    let mut last = (*obj).clone();
-                    set_meta(&mut last, "resourceVersion", json!(st.store.next_revision().to_string()));
-                    if meta(&obj, "finalizers").as_array().is_some_and(|a| !a.is_empty()) {
-                        if meta(&obj, "deletionTimestamp").is_null() {
-                            set_meta(&mut last, "deletionTimestamp", json!(self.clock.now_rfc3339()));
-                            set_meta(&mut last, "deletionGracePeriodSeconds", json!(0));
-                            st.store.commit(&key, &o_ns, &n, ChangeType::Modified, last);
-                        }
-                        continue;
-                    }
-                    st.store.commit(&key, &o_ns, &n, ChangeType::Deleted, last);
-                    gone.push(meta(&obj, "uid").as_str().unwrap_or_default().to_owned());
+            for (key, obj) in st.store.dependents_of(&owner) {
+                let refs = meta(&obj, "ownerReferences").as_array().map(Vec::as_slice).unwrap_or_default();
+                let live_owner = refs.iter().any(|r| {
+                    let ruid = r["uid"].as_str().unwrap_or_default();
+                    ruid != owner && st.store.uid_exists(ruid)
+                });
+                if live_owner {
+                    continue;
                 }
+                let n = meta(&obj, "name").as_str().unwrap_or_default().to_owned();
+                let o_ns = meta(&obj, "namespace").as_str().unwrap_or_default().to_owned();
+                let mut last = (*obj).clone();
+                set_meta(&mut last, "resourceVersion", json!(st.store.next_revision().to_string()));
+                if meta(&obj, "finalizers").as_array().is_some_and(|a| !a.is_empty()) {
+                    if meta(&obj, "deletionTimestamp").is_null() {
+                        set_meta(&mut last, "deletionTimestamp", json!(self.clock.now_rfc3339()));
+                        set_meta(&mut last, "deletionGracePeriodSeconds", json!(0));
+                        st.store.commit(&key, &o_ns, &n, ChangeType::Modified, last);
+                    }
+                    continue;
+                }
+                st.store.commit(&key, &o_ns, &n, ChangeType::Deleted, last);
+                gone.push(meta(&obj, "uid").as_str().unwrap_or_default().to_owned());
             }
         }
     }

@@ -2,7 +2,7 @@
 //! served at one revision), a bounded change log (so that old watches get 410), and watchers.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
 };
 
@@ -55,6 +55,18 @@ pub struct Store {
     next_watcher: u64,
     writes: BTreeMap<StorageKey, u64>,
     expired_watches: u64,
+    /// Live objects by UID, so garbage collection does not scan the store per delete.
+    by_uid: HashMap<String, (StorageKey, ObjKey)>,
+    /// Live objects by the UIDs their ownerReferences name.
+    dependents: HashMap<String, BTreeSet<(StorageKey, ObjKey)>>,
+}
+
+fn uid_of(o: &Value) -> Option<&str> {
+    o["metadata"]["uid"].as_str()
+}
+
+fn owner_uids(o: &Value) -> impl Iterator<Item = &str> {
+    o["metadata"]["ownerReferences"].as_array().into_iter().flatten().filter_map(|r| r["uid"].as_str())
 }
 
 impl Store {
@@ -69,6 +81,8 @@ impl Store {
             next_watcher: 0,
             writes: BTreeMap::new(),
             expired_watches: 0,
+            by_uid: HashMap::new(),
+            dependents: HashMap::new(),
         }
     }
 
@@ -138,6 +152,7 @@ impl Store {
             versions.drain(..keep_from);
         }
         *self.writes.entry(key.clone()).or_default() += 1;
+        self.reindex(key, (ns, name), prev.as_deref(), (kind != ChangeType::Deleted).then_some(&*object));
         let change = Arc::new(Change { rev, key: key.clone(), namespace: ns.to_owned(), name: name.to_owned(), kind, object, prev });
         self.log.push_back(change.clone());
         while self.log.len() > self.log_capacity {
@@ -147,6 +162,44 @@ impl Store {
         }
         self.watchers.retain(|w| w.key != *key || w.tx.send(change.clone()).is_ok());
         rev
+    }
+
+    fn reindex(&mut self, key: &StorageKey, (ns, name): (&str, &str), prev: Option<&Value>, next: Option<&Value>) {
+        let at = (key.clone(), (ns.to_owned(), name.to_owned()));
+        if let Some(prev) = prev {
+            if let Some(uid) = uid_of(prev)
+                && self.by_uid.get(uid) == Some(&at)
+            {
+                self.by_uid.remove(uid);
+            }
+            for owner in owner_uids(prev) {
+                if let Some(set) = self.dependents.get_mut(owner) {
+                    set.remove(&at);
+                    if set.is_empty() {
+                        self.dependents.remove(owner);
+                    }
+                }
+            }
+        }
+        if let Some(next) = next {
+            if let Some(uid) = uid_of(next) {
+                self.by_uid.insert(uid.to_owned(), at.clone());
+            }
+            for owner in owner_uids(next) {
+                self.dependents.entry(owner.to_owned()).or_default().insert(at.clone());
+            }
+        }
+    }
+
+    /// Whether a live object has this UID.
+    pub fn uid_exists(&self, uid: &str) -> bool {
+        self.by_uid.contains_key(uid)
+    }
+
+    /// The live objects whose ownerReferences name `owner` (type and latest version).
+    pub fn dependents_of(&self, owner: &str) -> Vec<(StorageKey, Arc<Value>)> {
+        let Some(set) = self.dependents.get(owner) else { return Vec::new() };
+        set.iter().filter_map(|(key, (ns, name))| self.get(key, ns, name).map(|o| (key.clone(), o))).collect()
     }
 
     /// Forget history up to the current revision: watches and continue tokens from before it get 410.

@@ -217,3 +217,47 @@ async fn leases_print_name_holder_and_age() {
     assert_eq!(out.rows()[0], ["NAME", "HOLDER", "AGE"]);
     assert_eq!(out.rows()[1][..2], ["statelock-leader".to_owned(), "statelock-0".to_owned()]);
 }
+
+fn owned_by(name: &str, owners: &[&ConfigMap]) -> ConfigMap {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    let mut c = cm(name, "x");
+    c.metadata.owner_references = Some(
+        owners
+            .iter()
+            .map(|o| OwnerReference {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                name: o.name_any(),
+                uid: o.uid().expect("created objects have a UID"),
+                ..OwnerReference::default()
+            })
+            .collect(),
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_collection_follows_owner_chains_and_spares_dependents_with_a_live_owner() {
+    let c = Cluster::start_with(small_history()).await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client(), "default");
+    let pp = PostParams::default();
+    let root = api.create(&pp, &cm("root", "r")).await.expect("root");
+    let other = api.create(&pp, &cm("other", "o")).await.expect("other");
+    let child = api.create(&pp, &owned_by("child", &[&root])).await.expect("child");
+    api.create(&pp, &owned_by("grandchild", &[&child])).await.expect("grandchild");
+    api.create(&pp, &owned_by("shared", &[&root, &other])).await.expect("shared");
+    let mut held = owned_by("held", &[&root]);
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    api.create(&pp, &held).await.expect("held");
+    api.delete("root", &Default::default()).await.expect("delete root");
+
+    let names: Vec<String> = server_state(&api).await.into_keys().collect();
+    assert_eq!(names, ["held", "other", "shared"], "child and grandchild collected; shared has a live owner; held has a finalizer");
+    let held = api.get("held").await.expect("held");
+    assert!(held.metadata.deletion_timestamp.is_some(), "a dependent with finalizers is marked for deletion, not removed");
+
+    api.create(&pp, &cm("root", "again")).await.expect("recreate root");
+    api.delete("other", &Default::default()).await.expect("delete other");
+    let names: Vec<String> = server_state(&api).await.into_keys().collect();
+    assert_eq!(names, ["held", "root"], "shared's last live owner is gone (the recreated root has another UID)");
+}
