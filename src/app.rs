@@ -104,9 +104,12 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         let namespace = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
         let config = leader::LeaseConfig::new(&args.lease_name, namespace, &args.pod_name, args.lease_duration);
         info!(lease = %config.name, namespace = %config.namespace, identity = %config.identity, "leader election on");
-        let gauge = metrics.leader.clone();
+        let m = metrics.clone();
         let (l, task) = leader::start(client.clone(), config, lease_shutdown.clone(), move |leading| {
-            gauge.set(i64::from(leading));
+            m.leader.set(i64::from(leading));
+            if !leading {
+                m.clear_leader_gauges();
+            }
         });
         (l, Some(task))
     } else {
@@ -141,6 +144,7 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         cluster.clone(),
     ));
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
+    tokio::spawn(fleet_gauges(cluster.clone(), metrics.clone(), leadership.clone(), shutdown.clone()));
     let expiry = tokio::spawn(expiry::controller::run(
         expiry::controller::Deps {
             client: client.clone(),
@@ -191,6 +195,25 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
     }
     info!("stopped");
     Ok(())
+}
+
+/// How often the leader recounts the fleet gauges from the shared caches.
+const FLEET_GAUGES_EVERY: Duration = Duration::from_secs(10);
+
+/// The fleet gauges (locks by holder state, LockSource readiness) from the shared caches, on the
+/// leader only; a replica that does not lead reports none.
+async fn fleet_gauges(cluster: Arc<Cluster>, metrics: Arc<Metrics>, leadership: Leadership, shutdown: CancellationToken) {
+    loop {
+        if leadership.is_leader() {
+            metrics.set_fleet(crate::metrics::fleet_counts(&cluster.locks.state(), &cluster.sources.state()));
+        } else {
+            metrics.clear_leader_gauges();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(FLEET_GAUGES_EVERY) => {},
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Start the gateway (on the shared caches), then the server.

@@ -24,6 +24,7 @@ pub enum Command {
     Run(RunArgs),
     /// Start everything on this machine: a Kubernetes API emulator with the CRDs, the operator,
     /// the gateway on in-memory lock tables and an in-memory S3; prints what to run next.
+    #[cfg(feature = "sandbox")]
     Sandbox(SandboxArgs),
 }
 
@@ -139,7 +140,7 @@ pub struct RunArgs {
     pub allowed_endpoints: Vec<String>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<crate::crd::GoDuration>().map(|d| d.get()).map_err(|e| e.to_string())
 }
 

@@ -37,8 +37,10 @@ pub mod lock_record;
 pub mod lock_store;
 pub mod metrics;
 pub mod mirror;
+pub mod plugin;
 pub mod reasons;
 pub mod s3;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod telemetry;
 pub mod tenancy;

@@ -4,8 +4,31 @@ use clap::Parser;
 use statelock::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // Installed as `kubectl-statelock`, this binary is the kubectl plugin.
+    if std::env::args_os().next().is_some_and(|a| statelock::plugin::invoked_as_plugin(&a)) {
+        let cli = statelock::plugin::PluginCli::parse();
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(err) => {
+                eprintln!("error: failed to start the async runtime: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match runtime.block_on(statelock::plugin::run(cli)) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    #[cfg_attr(not(feature = "sandbox"), allow(unused_mut))]
     let mut cli = Cli::parse();
     // The sandbox prints its own story; its operator logs only warnings unless asked for more.
+    #[cfg(feature = "sandbox")]
     if matches!(cli.command, Command::Sandbox(_)) && std::env::var_os("STATELOCK_LOG").is_none() && cli.telemetry.log_filter == "info" {
         cli.telemetry.log_filter = "warn".into();
     }
@@ -22,6 +45,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => block_on(statelock::app::run(args)),
+        #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => block_on(statelock::sandbox::run(args)),
     }
 }

@@ -12,14 +12,54 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// Every metric statelock exports, plus the registry that encodes them.
+/// Every metric statelock exports, plus the registries that encode them.
 pub struct Metrics {
     registry: Registry,
+    /// The standard `process_*` metrics (unprefixed, as every exporter names them).
+    process_registry: Registry,
     pub gateway: GatewayMetrics,
     pub locks: LockMetrics,
     pub controllers: ControllerMetrics,
     /// 1 while this replica leads.
     pub leader: Gauge,
+    /// What the leader sees of every LockSource and StateLock (cleared when it stops leading).
+    pub fleet: FleetMetrics,
+    process: ProcessMetrics,
+}
+
+/// Gauges about the whole fleet of locks, written by the leader only and cleared when it stops
+/// leading, so that a former leader never reports stale figures beside the new one's.
+#[derive(Clone, Default)]
+pub struct FleetMetrics {
+    /// StateLocks by holder state, per LockSource (`Dead` in Observe mode is the first alert).
+    pub locks_by_holder_state: Family<HolderStateLabels, Gauge>,
+    /// 1 when the LockSource's Ready condition is True, else 0.
+    pub source_ready: Family<SourceLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct HolderStateLabels {
+    pub namespace: String,
+    pub source: String,
+    /// `Alive`, `Dead`, `Unknown`, `External`, `Ambiguous`, or `Unjudged` (no verdict yet).
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildInfoLabels {
+    pub version: String,
+}
+
+/// Read from /proc/self at each scrape.
+#[derive(Clone, Default)]
+struct ProcessMetrics {
+    resident_memory: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    start_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// CPU seconds counted so far (the counter only goes up by the difference).
+    cpu_counted: std::sync::Arc<std::sync::Mutex<f64>>,
 }
 
 /// What the mirror and the expiry controller see of the locks.
@@ -83,7 +123,7 @@ pub struct ControllerMetrics {
 
 /// A LockSource: admin-declared and few, the one object identity used as a label (never a
 /// StateLock, pod or lock ID).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct SourceLabels {
     pub namespace: String,
     pub source: String,
@@ -300,7 +340,112 @@ impl Default for Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
-        Self { registry, gateway, locks, controllers, leader }
+        let build_info: Family<BuildInfoLabels, Gauge> = Family::default();
+        build_info.get_or_create(&BuildInfoLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("build_info", "1, labelled with the version of this statelock build", build_info);
+        let fleet = FleetMetrics::default();
+        registry.register(
+            "locks_by_holder_state",
+            "StateLocks by the holder state of their last verdict, per LockSource (leader only)",
+            fleet.locks_by_holder_state.clone(),
+        );
+        registry.register("locksource_ready", "1 when the LockSource is Ready, else 0 (leader only)", fleet.source_ready.clone());
+        let mut process_registry = Registry::default();
+        let process = ProcessMetrics::default();
+        let bytes = prometheus_client::registry::Unit::Bytes;
+        process_registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size",
+            bytes.clone(),
+            process.resident_memory.clone(),
+        );
+        process_registry.register_with_unit("process_virtual_memory", "Virtual memory size", bytes, process.virtual_memory.clone());
+        process_registry.register("process_open_fds", "Open file descriptors", process.open_fds.clone());
+        process_registry.register_with_unit(
+            "process_cpu",
+            "User and system CPU time spent",
+            prometheus_client::registry::Unit::Seconds,
+            process.cpu_seconds.clone(),
+        );
+        process_registry.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            prometheus_client::registry::Unit::Seconds,
+            process.start_time.clone(),
+        );
+        Self { registry, process_registry, gateway, locks, controllers, leader, fleet, process }
+    }
+}
+
+/// Count StateLocks by (namespace, LockSource, holder state) and LockSources by readiness, from
+/// the shared caches: what the fleet gauges show.
+pub fn fleet_counts(
+    locks: &[std::sync::Arc<crate::crd::StateLock>],
+    sources: &[std::sync::Arc<crate::crd::LockSource>],
+) -> (std::collections::BTreeMap<HolderStateLabels, i64>, std::collections::BTreeMap<SourceLabels, i64>) {
+    use kube::ResourceExt;
+    let mut by_state = std::collections::BTreeMap::new();
+    for l in locks {
+        let state = l.status.as_ref().and_then(|s| s.holder.as_ref()).map_or_else(|| "Unjudged".to_owned(), |h| format!("{:?}", h.state));
+        let labels = HolderStateLabels { namespace: l.namespace().unwrap_or_default(), source: l.spec.source.clone(), state };
+        *by_state.entry(labels).or_insert(0) += 1;
+    }
+    let ready = sources
+        .iter()
+        .map(|s| {
+            let is_ready = s
+                .status
+                .as_ref()
+                .is_some_and(|st| st.conditions.iter().any(|c| c.type_ == crate::reasons::CONDITION_READY && c.status == "True"));
+            (SourceLabels { namespace: s.namespace().unwrap_or_default(), source: s.name_any() }, i64::from(is_ready))
+        })
+        .collect();
+    (by_state, ready)
+}
+
+/// Linux's fixed user-space clock tick (USER_HZ) for /proc times.
+const USER_HZ: f64 = 100.0;
+
+impl ProcessMetrics {
+    /// Read /proc/self; a field that cannot be read keeps its last value.
+    fn refresh(&self) {
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let kib = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
+                    .map(|k| k * 1024)
+            };
+            if let Some(v) = kib("VmRSS:") {
+                self.resident_memory.set(v);
+            }
+            if let Some(v) = kib("VmSize:") {
+                self.virtual_memory.set(v);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(i64::try_from(fds.count()).unwrap_or(i64::MAX));
+        }
+        // Fields after the command (which may hold spaces and parentheses): state is field 3.
+        if let Some(rest) = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| s.rsplit_once(')').map(|(_, r)| r.to_owned())) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+                let total = (utime + stime) / USER_HZ;
+                let mut counted = self.cpu_counted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if total > *counted {
+                    self.cpu_seconds.inc_by(total - *counted);
+                    *counted = total;
+                }
+            }
+            let boot = std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse::<f64>().ok()));
+            if let (Some(start), Some(boot)) = (field(22), boot) {
+                self.start_time.set(boot + start / USER_HZ);
+            }
+        }
     }
 }
 
@@ -309,12 +454,38 @@ impl Metrics {
         Arc::new(Self::default())
     }
 
-    /// The OpenMetrics text exposition.
+    /// The OpenMetrics text exposition (statelock's metrics, then the process metrics, read now).
     pub fn encode(&self) -> String {
+        self.process.refresh();
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.process_registry);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
+    }
+
+    /// Set the fleet gauges to exactly these counts (series that are gone are removed).
+    pub fn set_fleet(
+        &self,
+        (by_state, ready): (std::collections::BTreeMap<HolderStateLabels, i64>, std::collections::BTreeMap<SourceLabels, i64>),
+    ) {
+        self.fleet.locks_by_holder_state.clear();
+        for (labels, n) in by_state {
+            self.fleet.locks_by_holder_state.get_or_create(&labels).set(n);
+        }
+        self.fleet.source_ready.clear();
+        for (labels, v) in ready {
+            self.fleet.source_ready.get_or_create(&labels).set(v);
+        }
+    }
+
+    /// Forget every figure only the leader may report (this replica stopped leading).
+    pub fn clear_leader_gauges(&self) {
+        self.locks.held.clear();
+        self.locks.oldest_age.clear();
+        self.fleet.locks_by_holder_state.clear();
+        self.fleet.source_ready.clear();
     }
 }
 

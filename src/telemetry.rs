@@ -9,7 +9,11 @@ pub fn init(args: &TelemetryArgs) -> Result<(), tracing_subscriber::filter::Pars
     let filter = EnvFilter::try_new(&args.log_filter)?;
     let registry = tracing_subscriber::registry().with(filter);
     match args.log_format {
-        LogFormat::Plain => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
+        // Colour only on a terminal: a file, a pipe or a container log gets plain text.
+        LogFormat::Plain => {
+            let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+            registry.with(fmt::layer().with_ansi(colour).with_writer(std::io::stderr)).init()
+        }
         LogFormat::Json => {
             registry.with(fmt::layer().json().flatten_event(true).with_current_span(true).with_writer(std::io::stderr)).init()
         }

@@ -187,6 +187,36 @@ fn every_toggle_lints_renders_and_validates() {
                 assert_eq!(gw["from"][1]["ipBlock"]["cidr"], "10.9.0.0/16");
             },
         ),
+        (
+            "prometheus rule with its CRD",
+            json!({"metrics": {"prometheusRule": {"enabled": true, "labels": {"release": "prom"}}}}),
+            vec!["monitoring.coreos.com/v1/PrometheusRule", "monitoring.coreos.com/v1"],
+            |d| {
+                let rule = one(d, "PrometheusRule");
+                assert_eq!(rule["metadata"]["labels"]["release"], "prom");
+                // The rule file as it is: the one promtool checks (tests/alerts.rs).
+                let file: Value = serde_saphyr::from_str(
+                    &std::fs::read_to_string(repo_root().join("charts/statelock/files/prometheus-rules.yaml")).expect("rules"),
+                )
+                .expect("yaml");
+                assert_eq!(rule["spec"], file);
+                let text = serde_json::to_string(&rule["spec"]).expect("json");
+                assert!(text.contains("{{ $labels.namespace }}"), "Prometheus templates are left for Prometheus");
+            },
+        ),
+        ("grafana dashboard", json!({"metrics": {"grafanaDashboard": {"enabled": true}}}), vec![], |d| {
+            let cm = of_kind(d, "ConfigMap")
+                .into_iter()
+                .find(|c| c["metadata"]["name"] == "sl-statelock-dashboard")
+                .expect("dashboard ConfigMap");
+            assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+            let dashboard: Value =
+                serde_json::from_str(cm["data"]["statelock.json"].as_str().expect("json text")).expect("the dashboard is JSON");
+            assert_eq!(dashboard["uid"], "statelock");
+        }),
+        ("prometheus rule without its CRD", json!({"metrics": {"prometheusRule": {"enabled": true}}}), vec![], |d| {
+            assert!(of_kind(d, "PrometheusRule").is_empty(), "not rendered where the API does not exist");
+        }),
         ("service monitor without its CRD", json!({"metrics": {"serviceMonitor": {"enabled": true}}}), vec![], |d| {
             assert!(of_kind(d, "ServiceMonitor").is_empty(), "not rendered where the API does not exist");
         }),
@@ -209,8 +239,22 @@ fn every_toggle_lints_renders_and_validates() {
             "default LockSource",
             json!({"defaultLockSource": {"enabled": true, "spec": {"dynamodb": {"tableName": "tf-locks", "region": "eu-west-1"}, "expiry": {"mode": "Release"}}}}),
             vec![],
-            |d| assert_eq!(one(d, "LockSource")["spec"]["dynamodb"]["tableName"], "tf-locks"),
+            |d| {
+                let ls = one(d, "LockSource");
+                assert_eq!(ls["spec"]["dynamodb"]["tableName"], "tf-locks");
+                // Applied after the CRDs of a fresh install exist.
+                assert_eq!(ls["metadata"]["annotations"]["helm.sh/hook"], "post-install,post-upgrade");
+            },
         ),
+        (
+            "default LockSource on lock files",
+            json!({"defaultLockSource": {"enabled": true, "spec": {"s3": {"bucket": "tfstate", "region": "eu-west-1"}}}}),
+            vec![],
+            |d| assert_eq!(one(d, "LockSource")["spec"]["s3"]["bucket"], "tfstate"),
+        ),
+        ("no aggregated user roles", json!({"rbac": {"aggregateToDefaultRoles": false}}), vec![], |d| {
+            assert_eq!(of_kind(d, "ClusterRole").len(), 1, "only the operator's own");
+        }),
         (
             "no PDB, no NetworkPolicy",
             json!({"podDisruptionBudget": {"enabled": false}, "gateway": {"networkPolicy": {"enabled": false}}}),
@@ -230,7 +274,7 @@ fn every_toggle_lints_renders_and_validates() {
     // Unknown keys and a LockSource without a table are refused.
     for bad in [json!({"bogus": 1}), json!({"gateway": {"port": 1}}), json!({"defaultLockSource": {"enabled": true, "spec": {}}})] {
         let err = render_text(RELEASE, &bad, &[]).expect_err("invalid values are refused");
-        assert!(err.contains("additional properties") || err.contains("tableName is required"), "{bad}: {err}");
+        assert!(err.contains("additional properties") || err.contains("needs s3.bucket or dynamodb.tableName"), "{bad}: {err}");
     }
 }
 
@@ -271,7 +315,11 @@ fn the_charts_crds_are_the_generated_crds() {
 fn rendered_rules(d: &[Value]) -> BTreeSet<(String, String, String, String)> {
     let mut out = BTreeSet::new();
     for role in of_kind(d, "ClusterRole").into_iter().chain(of_kind(d, "Role")) {
+        let labels = &role["metadata"]["labels"];
+        let aggregated =
+            ["view", "edit", "admin"].into_iter().find(|r| labels[format!("rbac.authorization.k8s.io/aggregate-to-{r}")] == "true");
         let scope = match (role["kind"].as_str(), role["metadata"]["namespace"].as_str()) {
+            (Some("ClusterRole"), _) if aggregated.is_some() => format!("users: {}", aggregated.unwrap_or_default()),
             (Some("ClusterRole"), _) => "cluster".to_owned(),
             (_, Some(NAMESPACE)) => "release namespace".to_owned(),
             _ => "secret namespaces".to_owned(),
@@ -468,8 +516,10 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
             (r.group.clone(), resource, r.verb.clone())
         })
         .collect();
+    // The operator's own permissions (the roles for users are not the operator's).
     let granted: BTreeSet<(String, String, String)> = rendered_rules(&rendered)
         .into_iter()
+        .filter(|(scope, ..)| !scope.starts_with("users: "))
         .flat_map(|(_, g, r, verbs)| verbs.split(", ").map(|v| (g.clone(), r.clone(), v.to_owned())).collect::<Vec<_>>())
         .collect();
     let unused: Vec<_> = granted.difference(&used).collect();
@@ -481,7 +531,13 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
     assert!(refusals.is_empty(), "no 403 in the operator's log: {refusals:#?}");
 
     // Without the StateLock status rule, holders can no longer be recorded.
-    let mut role = of_kind(&rendered, "ClusterRole")[0].clone();
+    let mut role = of_kind(&rendered, "ClusterRole")
+        .into_iter()
+        .find(|r| {
+            r["metadata"]["labels"].as_object().is_none_or(|l| !l.keys().any(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to")))
+        })
+        .expect("the operator's ClusterRole")
+        .clone();
     role["rules"].as_array_mut().expect("rules").retain(|r| r["resources"] != json!(["statelocks/status"]));
     apply(&cluster.client(), &role).await;
     let second = "tfstate/second/terraform.tfstate";

@@ -55,7 +55,11 @@ fn statelocks_print_exactly_the_documented_columns() {
     let names = &crd.spec.names;
     assert_eq!(names.plural, "statelocks");
     assert_eq!(names.short_names.as_deref(), Some(&["slock".to_owned()][..]));
-    assert_eq!(names.categories.as_deref(), Some(&["terraform".to_owned()][..]));
+    assert_eq!(
+        names.categories.as_deref(),
+        Some(&["tflock".to_owned()][..]),
+        "not `terraform`: the singular name of Flux tofu-controller's Terraform kind"
+    );
     assert_eq!(crd.spec.scope, "Namespaced");
 }
 

@@ -21,7 +21,7 @@ use super::GoDuration;
     kind = "LockSource",
     plural = "locksources",
     shortname = "lsrc",
-    category = "terraform",
+    category = "tflock",
     namespaced,
     status = "LockSourceStatus",
     derive = "PartialEq",

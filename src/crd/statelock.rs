@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
     kind = "StateLock",
     plural = "statelocks",
     shortname = "slock",
-    category = "terraform",
+    category = "tflock",
     namespaced,
     status = "StateLockStatus",
     derive = "PartialEq",

@@ -20,7 +20,7 @@ pub struct StaticCredentials {
 /// identity, ECS/EC2 metadata). TLS is rustls with the ring provider, the same as the kube
 /// client, and the HTTP client is given explicitly (the SDK has none without its default features).
 pub async fn sdk_config(region: &str, endpoint: Option<&str>, credentials: Option<StaticCredentials>) -> SdkConfig {
-    let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    let http = shared_https_client();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_owned()))
         .http_client(http)
@@ -41,6 +41,14 @@ pub async fn sdk_config(region: &str, endpoint: Option<&str>, credentials: Optio
         ));
     }
     loader.load().await
+}
+
+/// One HTTPS client (connection pool, TLS configuration and root certificates) for every SDK
+/// client of the process: building one per LockSource cost each its own parsed root store and
+/// pool (hundreds of LockSources made hundreds of them).
+fn shared_https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+    static CLIENT: std::sync::OnceLock<aws_sdk_dynamodb::config::SharedHttpClient> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()).clone()
 }
 
 /// A DynamoDB client for one table's region and endpoint.

@@ -473,6 +473,9 @@ struct SourceState {
     table: BTreeMap<String, LockRecord>,
     /// The lock files as last listed, by object key (`spec.s3`).
     files: BTreeMap<String, LockFile>,
+    /// A listing of the lock files has succeeded since this task started: until then, nothing is
+    /// written (an empty `files` would read as "every lock file was released").
+    files_listed: bool,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
     /// When the table's current stream ARN was last compared with the one followed.
@@ -853,7 +856,8 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     if let Some(files) = &source.spec.s3
         && let Err(e) = refresh_files(ctx, source, state, files, &clients).await
     {
-        if source.spec.dynamodb.is_none() {
+        // Without a first listing there is no picture of the lock files to write from.
+        if source.spec.dynamodb.is_none() || !state.files_listed {
             return Err(e);
         }
         files_error = Some(e);
@@ -1045,6 +1049,7 @@ async fn refresh_files(
     state.items = next.len() + listing.other_objects as usize;
     state.pages = u32::try_from(listing.list_requests).unwrap_or(u32::MAX);
     state.files = next;
+    state.files_listed = true;
     Ok(())
 }
 

@@ -130,8 +130,9 @@ pub async fn read_lock_file(client: &aws_sdk_s3::Client, bucket: &str, key: &str
     let Some(lock_id) = lock_id_of(bucket, key) else { return Ok(None) };
     let r = match client.get_object().bucket(bucket).key(key).send().await {
         Ok(r) => r,
+        // Only "no such key" means no lock file (a missing bucket or a proxy's 404 is an error).
         Err(e) if matches!(e.as_service_error(), Some(GetObjectError::NoSuchKey(_))) => return Ok(None),
-        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => return Ok(None),
+        Err(e) if e.as_service_error().and_then(ProvideErrorMetadata::code) == Some("NoSuchKey") => return Ok(None),
         Err(e) => return Err(get_err(message_of(&e), category_of(&e))),
     };
     let etag = r.e_tag().unwrap_or_default().to_owned();
@@ -165,7 +166,7 @@ pub async fn delete_if_etag(client: &aws_sdk_s3::Client, bucket: &str, key: &str
             let code = e.as_service_error().and_then(ProvideErrorMetadata::code).map(str::to_owned);
             match (status, code.as_deref()) {
                 (Some(412), _) | (_, Some("PreconditionFailed")) => Ok(ReleaseOutcome::HeldByAnother),
-                (Some(404), _) | (_, Some("NoSuchKey")) => Ok(ReleaseOutcome::AlreadyGone),
+                (_, Some("NoSuchKey")) => Ok(ReleaseOutcome::AlreadyGone),
                 _ => {
                     let _: Option<&DeleteObjectError> = e.as_service_error();
                     Err(S3Error::Delete { bucket: bucket.into(), key: key.into(), category: category_of(&e), message: message_of(&e) })
@@ -181,11 +182,21 @@ pub async fn delete_if_etag(client: &aws_sdk_s3::Client, bucket: &str, key: &str
 /// Terraform's unconditional one, so releases are refused there. The key is under `prefix`, where
 /// statelock may delete lock files; no object can match the ETag asked for.
 pub async fn honours_if_match(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<bool, S3Error> {
-    let key = format!("{prefix}statelock-if-match-probe-{:016x}{LOCK_SUFFIX}", rand_u64());
+    let probe = |n: u64| format!("{prefix}statelock-if-match-probe-{n:016x}{LOCK_SUFFIX}");
+    // A server that answers 404 to any delete of a missing key proves nothing by refusing the
+    // conditional one: an unconditional delete of a missing key must succeed (as on S3).
+    let plain = probe(rand_u64());
+    if let Err(e) = client.delete_object().bucket(bucket).key(&plain).send().await {
+        return match e.raw_response().map(|r| r.status().as_u16()) {
+            Some(404) => Ok(false),
+            _ => Err(S3Error::Delete { bucket: bucket.into(), key: plain, category: category_of(&e), message: message_of(&e) }),
+        };
+    }
+    let key = probe(rand_u64().rotate_left(17));
     match client.delete_object().bucket(bucket).key(&key).if_match("\"statelock-probe\"").send().await {
         Ok(_) => Ok(false),
-        Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
-            Some(404 | 412) => Ok(true),
+        Err(e) => match e.as_service_error().and_then(ProvideErrorMetadata::code) {
+            Some("NoSuchKey" | "PreconditionFailed") => Ok(true),
             _ => Err(S3Error::Delete { bucket: bucket.into(), key, category: category_of(&e), message: message_of(&e) }),
         },
     }

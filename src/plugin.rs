@@ -1,0 +1,344 @@
+//! `kubectl statelock`: the statelock binary, installed (or linked) as `kubectl-statelock` on
+//! `PATH`, is a kubectl plugin. `list` shows the locks, `why NAME` says in plain words why a lock
+//! is or is not being released, `unlock NAME [--live]` asks for a manual unlock (the
+//! `statelock.dev/force-unlock` annotation), waits for the operator's answer and prints it.
+//! kubectl's `-n/--namespace`, `-A/--all-namespaces`, `--kubeconfig` and `--context` work as usual.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::{api::events::v1::Event, jiff::Timestamp};
+use kube::{
+    Api, Client, Config, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::json;
+
+use crate::{
+    crd::{LockSource, StateLock},
+    expiry::manual_unlock::{FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION},
+    lock_record::{human, parse_created},
+    reasons,
+};
+
+/// The plugin's command line (`kubectl statelock ...`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl statelock",
+    version,
+    about = "Terraform/OpenTofu state locks in this cluster, and why they are or are not released"
+)]
+pub struct PluginCli {
+    /// The namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+
+    /// Every namespace (`list` only).
+    #[arg(short = 'A', long = "all-namespaces", global = true)]
+    pub all_namespaces: bool,
+
+    /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The kubeconfig context.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+
+    #[command(subcommand)]
+    pub command: PluginCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// The locks: path, holder and its state, age, waiters, where the lock is stored.
+    List,
+    /// Why a lock is or is not being released: the verdict on its holder and its evidence.
+    Why {
+        /// The StateLock's name (`kubectl statelock list` shows it).
+        name: String,
+    },
+    /// Ask statelock to release a lock (as `terraform force-unlock LOCK_ID` would, but only on
+    /// evidence unless --live), wait for its answer and print it.
+    Unlock {
+        /// The StateLock's name.
+        name: String,
+        /// The lock ID you mean to release (`why NAME` prints it). As with
+        /// `terraform force-unlock`, a lock re-taken since you looked has another ID and is not
+        /// released.
+        lock_id: String,
+        /// Release even though the holder is not known to be dead (Alive, Unknown, Ambiguous).
+        #[arg(long)]
+        live: bool,
+        /// How long to wait for the operator's answer.
+        #[arg(long, default_value = "60s", value_parser = crate::cli::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// Whether this process was started as the kubectl plugin (its file name is `kubectl-statelock`).
+pub fn invoked_as_plugin(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("kubectl-statelock"))
+}
+
+/// What went wrong, in words for the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot load the kubeconfig: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    #[error("StateLock {namespace}/{name} not found (kubectl statelock list -n {namespace} shows the locks)")]
+    NotFound { namespace: String, name: String },
+    #[error(
+        "no answer from statelock within {0:?}: the request stays on the StateLock; `kubectl statelock why` shows what holds the lock back (is the operator running? kubectl get lease -A shows its leader)"
+    )]
+    NoAnswer(Duration),
+    #[error("statelock did not release the lock: {0}")]
+    NotReleased(String),
+}
+
+/// Run a plugin command; the text to print.
+pub async fn run(cli: PluginCli) -> Result<String, PluginError> {
+    let (client, default_ns) = client(&cli).await?;
+    let ns = cli.namespace.clone().unwrap_or(default_ns);
+    match cli.command {
+        PluginCommand::List => list(&client, (!cli.all_namespaces).then_some(ns.as_str())).await,
+        PluginCommand::Why { name } => why(&client, &ns, &name).await,
+        PluginCommand::Unlock { name, lock_id, live, timeout } => unlock(&client, &ns, &name, &lock_id, live, timeout).await,
+    }
+}
+
+async fn client(cli: &PluginCli) -> Result<(Client, String), PluginError> {
+    let options = KubeConfigOptions { context: cli.context.clone(), ..KubeConfigOptions::default() };
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|e| PluginError::Config(format!("{}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kc, &options).await.map_err(|e| PluginError::Config(e.to_string()))?
+        }
+        None if cli.context.is_some() => Config::from_kubeconfig(&options).await.map_err(|e| PluginError::Config(e.to_string()))?,
+        None => Config::infer().await.map_err(|e| PluginError::Config(e.to_string()))?,
+    };
+    let ns = config.default_namespace.clone();
+    Ok((Client::try_from(config)?, ns))
+}
+
+fn age(lock: &StateLock, now: Timestamp) -> String {
+    lock.spec
+        .lock_info
+        .created
+        .as_deref()
+        .and_then(parse_created)
+        .map_or_else(|| "?".into(), |c| human(i64::try_from((now.as_nanosecond() - c) / 1_000_000_000).unwrap_or(i64::MAX)))
+}
+
+fn holder_state(lock: &StateLock) -> String {
+    lock.status.as_ref().and_then(|s| s.holder.as_ref()).map_or_else(|| "-".into(), |h| format!("{:?}", h.state))
+}
+
+fn stored_in(lock: &StateLock) -> String {
+    let parts: Vec<&str> = lock.spec.stored_in.iter().map(|k| k.as_str()).collect();
+    if parts.is_empty() { "DynamoDB".into() } else { parts.join("+") }
+}
+
+/// A plain table, columns padded to their widest cell.
+fn table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> =
+        (0..rows.first().map_or(0, Vec::len)).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+async fn list(client: &Client, namespace: Option<&str>) -> Result<String, PluginError> {
+    let api: Api<StateLock> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut locks = api.list(&ListParams::default()).await?.items;
+    if locks.is_empty() {
+        return Ok(match namespace {
+            Some(ns) => format!("No state locks in namespace {ns}.\n"),
+            None => "No state locks in any namespace.\n".into(),
+        });
+    }
+    locks.sort_by_key(|l| (l.namespace(), l.name_any()));
+    let now = Timestamp::now();
+    let mut rows =
+        vec![["NAMESPACE", "NAME", "PATH", "HOLDER", "STATE", "OPERATION", "AGE", "WAITERS", "STORED-IN"].map(String::from).to_vec()];
+    for l in &locks {
+        let i = &l.spec.lock_info;
+        rows.push(vec![
+            l.namespace().unwrap_or_default(),
+            l.name_any(),
+            i.path.clone().unwrap_or_else(|| l.spec.lock_id.clone()),
+            i.who.clone().unwrap_or_else(|| "?".into()),
+            holder_state(l),
+            i.operation.as_deref().map_or_else(|| "?".into(), operation_word),
+            age(l, now),
+            l.status.as_ref().and_then(|s| s.contention.as_ref()).map_or(0, |c| c.waiter_count).to_string(),
+            stored_in(l),
+        ]);
+    }
+    if namespace.is_some() {
+        for r in &mut rows {
+            r.remove(0);
+        }
+    }
+    Ok(table(&rows))
+}
+
+/// `OperationTypeApply` as people say it: `apply`.
+pub fn operation_word(op: &str) -> String {
+    op.strip_prefix("OperationType").map_or_else(|| op.to_owned(), str::to_lowercase)
+}
+
+async fn get_lock(client: &Client, ns: &str, name: &str) -> Result<StateLock, PluginError> {
+    Api::<StateLock>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| PluginError::NotFound { namespace: ns.to_owned(), name: name.to_owned() })
+}
+
+async fn why(client: &Client, ns: &str, name: &str) -> Result<String, PluginError> {
+    let lock = get_lock(client, ns, name).await?;
+    let source = Api::<LockSource>::namespaced(client.clone(), ns).get_opt(&lock.spec.source).await?;
+    Ok(explain(&lock, source.as_ref(), Timestamp::now()))
+}
+
+/// The verdict on a lock and its evidence, in plain words (pure, for the tests).
+pub fn explain(lock: &StateLock, source: Option<&LockSource>, now: Timestamp) -> String {
+    use crate::crd::{ExpiryMode, HolderState, LockPhase};
+    let i = &lock.spec.lock_info;
+    let status = lock.status.clone().unwrap_or_default();
+    let mut out = format!("{}/{}: the lock on {}\n", lock.namespace().unwrap_or_default(), lock.name_any(), lock.spec.lock_id);
+    out.push_str(&format!(
+        "  held by {} for {} ({}, lock ID {}), stored in {}\n",
+        i.who.as_deref().unwrap_or("an unknown holder"),
+        age(lock, now),
+        i.operation.as_deref().map_or_else(|| "unknown operation".into(), operation_word),
+        i.id.as_deref().unwrap_or("?"),
+        stored_in(lock)
+    ));
+    let Some(holder) = &status.holder else {
+        out.push_str("  statelock has not judged its holder yet.\n");
+        return out;
+    };
+    let who = match (&holder.namespace, &holder.pod) {
+        (Some(n), Some(p)) => format!("pod {n}/{p}"),
+        _ => holder.hostname.as_deref().map_or_else(|| "the holder".into(), |h| format!("host {h}")),
+    };
+    let verdict = match holder.state {
+        HolderState::Alive => format!("{who} is alive"),
+        HolderState::Dead => format!("{who} is dead"),
+        HolderState::Unknown => format!("whether {who} is alive is not known"),
+        HolderState::External => format!("{who} is outside the cluster (no pod of that name)"),
+        HolderState::Ambiguous => format!("several pods could be the holder ({})", holder.candidates.join(", ")),
+    };
+    out.push_str(&format!("  verdict: {verdict} ({})", holder.reason));
+    if let Some(m) = &holder.message {
+        out.push_str(&format!(": {m}"));
+    }
+    out.push('\n');
+    if let Some(e) = &holder.evidence {
+        out.push_str(&format!("  evidence: {} since {}: {}\n", e.reason, e.observed_at.0, e.message));
+    }
+    let mode = source.map(|s| (s.spec.expiry.mode, s.spec.expiry.grace_period.to_string()));
+    let decision = match (holder.state, status.phase, &mode) {
+        (_, Some(LockPhase::Released), _) => "statelock released it; the StateLock goes away with the next sync.".to_owned(),
+        (HolderState::Dead, _, Some((ExpiryMode::Release, grace))) => {
+            format!("it is released once the evidence has held for the grace period ({grace}), if nothing blocks it (below).")
+        }
+        (HolderState::Dead, _, Some((ExpiryMode::Observe, _))) => format!(
+            "LockSource {} is in Observe mode: statelock only reports. Release it with `kubectl statelock unlock {} {}`.",
+            lock.spec.source,
+            lock.name_any(),
+            i.id.as_deref().unwrap_or("<lock ID>")
+        ),
+        (HolderState::Alive, ..) => "a lock whose holder is alive is never released.".to_owned(),
+        (HolderState::External, ..) => format!(
+            "statelock never releases an external holder's lock on its own; if you know it is dead, `kubectl statelock unlock {} {}`.",
+            lock.name_any(),
+            i.id.as_deref().unwrap_or("<lock ID>")
+        ),
+        (HolderState::Unknown | HolderState::Ambiguous, ..) => {
+            "nothing is released without evidence; it is judged again when the pods or the lock change.".to_owned()
+        }
+        (_, _, None) => format!("its LockSource {} is not found, so nothing is released.", lock.spec.source),
+    };
+    out.push_str(&format!("  so: {decision}\n"));
+    if let Some(r) = &status.release {
+        out.push_str(&format!("  blocked: {} ({})\n", r.message, r.reason));
+    }
+    out
+}
+
+async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, timeout: Duration) -> Result<String, PluginError> {
+    let lock = get_lock(client, ns, name).await?;
+    let uid = lock.uid().unwrap_or_default();
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    // Only the events that answer a request (expiry publishes the others on its own).
+    let answers = [reasons::FORCE_UNLOCKED, reasons::UNLOCK_REFUSED, reasons::UNLOCK_ID_MISMATCH];
+    // The answers about this StateLock so far (name and count of each event series): the answer to
+    // this request is one not among them. No clock is compared (this machine's may differ).
+    let answers_now = || async {
+        let list = events.list(&ListParams::default()).await?.items;
+        Ok::<Vec<Event>, kube::Error>(
+            list.into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
+                .filter(|e| e.reason.as_deref().is_some_and(|r| answers.contains(&r)))
+                .collect(),
+        )
+    };
+    let key = |e: &Event| (e.name_any(), e.series.as_ref().map_or(1, |s| s.count));
+    let before: std::collections::BTreeSet<(String, i32)> = answers_now().await?.iter().map(key).collect();
+    // A leftover live override from an earlier request must not make this one live.
+    let annotations = json!({ FORCE_UNLOCK_ANNOTATION: id, FORCE_UNLOCK_LIVE_ANNOTATION: if live { json!("true") } else { json!(null) } });
+    let api: Api<StateLock> = Api::namespaced(client.clone(), ns);
+    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": annotations}}))).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(e) = answers_now().await?.into_iter().find(|e| !before.contains(&key(e))) {
+            let reason = e.reason.clone().unwrap_or_default();
+            let note = e.note.clone().unwrap_or_default();
+            return if reason == reasons::FORCE_UNLOCKED {
+                Ok(format!("{reason}: {note}\n"))
+            } else {
+                Err(PluginError::NotReleased(format!("{reason}: {note}")))
+            };
+        }
+        // The lock went away on its own (its holder unlocked it) and the request with it.
+        if api.get_opt(name).await?.is_none_or(|l| l.uid().unwrap_or_default() != uid) {
+            return Ok(format!("The lock was released meanwhile (StateLock {ns}/{name} is gone).\n"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(PluginError::NoAnswer(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_is_recognised_by_its_file_name() {
+        assert!(invoked_as_plugin(std::ffi::OsStr::new("/usr/local/bin/kubectl-statelock")));
+        assert!(invoked_as_plugin(std::ffi::OsStr::new("kubectl-statelock")));
+        assert!(!invoked_as_plugin(std::ffi::OsStr::new("/usr/bin/statelock")));
+        assert!(!invoked_as_plugin(std::ffi::OsStr::new("kubectl")));
+    }
+
+    #[test]
+    fn operations_read_as_people_say_them() {
+        assert_eq!(operation_word("OperationTypeApply"), "apply");
+        assert_eq!(operation_word("OperationTypePlan"), "plan");
+        assert_eq!(operation_word("something else"), "something else");
+    }
+}

@@ -1,0 +1,137 @@
+//! `kubectl statelock`: the statelock binary linked as `kubectl-statelock` on PATH, run by the
+//! real kubectl against the API emulator with a running operator (moto for DynamoDB).
+
+mod common;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use common::{DynamoServer, Operator, TestCluster, eventually, lock_item_exists, take_lock};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::DeleteParams};
+use serde_json::json;
+use statelock::crd::{HolderState, StateLock, state_lock_name};
+
+const NS: &str = "terraform";
+const TABLE: &str = "tf-locks";
+
+/// `kubectl statelock <args>` with the plugin on PATH: (exit success, stdout, stderr).
+fn plugin(dir: &Path, cluster: &TestCluster, args: &[&str]) -> (bool, String, String) {
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("kubectl")
+        .arg("statelock")
+        .args(args)
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+        .env("PATH", path)
+        .output()
+        .expect("kubectl (part of the machine image)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn holder_state(cluster: &TestCluster, lock_id: &str) -> Option<HolderState> {
+    let l = Api::<StateLock>::namespaced(cluster.client(), NS).get_opt(&state_lock_name(lock_id)).await.ok()??;
+    l.status.and_then(|s| s.holder).map(|h| h.state)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_statelock_lists_explains_and_unlocks() {
+    let moto = DynamoServer::moto();
+    moto.create_lock_table(TABLE).await;
+    let db = moto.dynamodb().await;
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    cluster.create_namespace("other").await;
+    cluster
+        .create_lock_source(
+            NS,
+            "prod-locks",
+            json!({
+                "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": moto.url()},
+                "sync": {"mode": "Scan", "interval": "1s"},
+                "holders": {"hostnamePattern": "runner-[0-9]+"},
+                "expiry": {"mode": "Observe", "gracePeriod": "0s"}
+            }),
+        )
+        .await;
+    let bin_dir = tempfile::tempdir().expect("dir");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_statelock"), bin_dir.path().join("kubectl-statelock")).expect("link the plugin");
+    // kubectl finds the plugin.
+    let listed = Command::new("kubectl")
+        .args(["plugin", "list"])
+        .env("PATH", format!("{}:{}", bin_dir.path().display(), std::env::var("PATH").unwrap_or_default()))
+        .output()
+        .expect("kubectl plugin list");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("kubectl-statelock"), "{listed:?}");
+
+    let (ok, out, err) = plugin(bin_dir.path(), &cluster, &["list", "-n", NS]);
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("No state locks in namespace {NS}.\n"));
+
+    cluster.running_pod(NS, "runner-0").await;
+    cluster.running_pod(NS, "runner-1").await;
+    let (dead_lock, live_lock) = ("tfstate/app/terraform.tfstate", "tfstate/net/terraform.tfstate");
+    take_lock(&db, TABLE, dead_lock, "11111111-2222-3333-4444-555555555555", "root@runner-0").await;
+    take_lock(&db, TABLE, live_lock, "66666666-2222-3333-4444-555555555555", "root@runner-1").await;
+    let op = Operator::start(&cluster);
+    for id in [dead_lock, live_lock] {
+        eventually(Duration::from_secs(30), "the holder judged Alive", || async {
+            (holder_state(&cluster, id).await == Some(HolderState::Alive)).then_some(())
+        })
+        .await;
+    }
+
+    // list: one row per lock, with the documented columns; -A adds the namespace.
+    let (ok, out, err) = plugin(bin_dir.path(), &cluster, &["list", "-n", NS]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].split_whitespace().eq(["NAME", "PATH", "HOLDER", "STATE", "OPERATION", "AGE", "WAITERS", "STORED-IN"]), "{out}");
+    let row = lines.iter().find(|l| l.contains(&state_lock_name(dead_lock))).expect("the lock's row");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[1..5], [dead_lock, "root@runner-0", "Alive", "apply"], "{out}");
+    let (ok, all, _) = plugin(bin_dir.path(), &cluster, &["list", "-A"]);
+    assert!(
+        ok && all.lines().next().is_some_and(|h| h.starts_with("NAMESPACE")) && all.lines().filter(|l| l.starts_with(NS)).count() == 2,
+        "{all}"
+    );
+
+    // why, for a live holder.
+    let name = state_lock_name(dead_lock);
+    let (ok, why, err) = plugin(bin_dir.path(), &cluster, &["why", &name, "-n", NS]);
+    assert!(ok, "{err}");
+    assert!(why.contains("is alive") && why.contains("never released"), "{why}");
+
+    // unlock of a live holder without --live: refused, and the operator's event is printed.
+    let live_name = state_lock_name(live_lock);
+    let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["unlock", &live_name, "66666666-2222-3333-4444-555555555555", "-n", NS]);
+    assert!(!ok && err.contains("UnlockRefused"), "{err}");
+    assert!(lock_item_exists(&db, TABLE, live_lock).await, "a live holder's lock stays");
+
+    // The holder dies; Observe mode only reports; why says so; unlock releases it.
+    Api::<Pod>::namespaced(cluster.client(), NS).delete("runner-0", &DeleteParams::default()).await.expect("delete pod");
+    eventually(Duration::from_secs(30), "the holder judged Dead", || async {
+        (holder_state(&cluster, dead_lock).await == Some(HolderState::Dead)).then_some(())
+    })
+    .await;
+    let (ok, why, err) = plugin(bin_dir.path(), &cluster, &["why", &name, "-n", NS]);
+    assert!(ok, "{err}");
+    assert!(
+        why.contains("is dead")
+            && why.contains("Observe mode")
+            && why.contains(&format!("kubectl statelock unlock {name} 11111111-2222-3333-4444-555555555555")),
+        "{why}"
+    );
+    // A lock ID other than the one held now (the lock re-taken since it was looked at) releases nothing.
+    let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["unlock", &name, "99999999-2222-3333-4444-555555555555", "-n", NS]);
+    assert!(!ok && err.contains("UnlockIdMismatch"), "{err}");
+    assert!(lock_item_exists(&db, TABLE, dead_lock).await);
+    let (ok, out, err) = plugin(bin_dir.path(), &cluster, &["unlock", &name, "11111111-2222-3333-4444-555555555555", "-n", NS]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ForceUnlocked: released lock 11111111-2222-3333-4444-555555555555"), "{out}");
+    assert!(!lock_item_exists(&db, TABLE, dead_lock).await, "released");
+
+    // Errors in words.
+    let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["why", "no-such-lock", "-n", NS]);
+    assert!(!ok && err.contains("StateLock terraform/no-such-lock not found"), "{err}");
+    op.stop().await;
+}
