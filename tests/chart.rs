@@ -252,6 +252,46 @@ fn every_toggle_lints_renders_and_validates() {
             vec![],
             |d| assert_eq!(one(d, "LockSource")["spec"]["s3"]["bucket"], "tfstate"),
         ),
+        (
+            "overrides a platform team needs (subchart, OpenShift, a CA bundle, zones, a digest)",
+            json!({
+                "global": {"imageRegistry": "mirror.example"},
+                "commonLabels": {"team": "platform"},
+                "image": {"digest": "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},
+                "extraArgs": ["--log-format=plain"],
+                "extraVolumes": [{"name": "ca", "configMap": {"name": "corp-ca"}}],
+                "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/certs/corp", "readOnly": true}],
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "statelock"}}}],
+                "podSecurityContext": {"runAsNonRoot": true, "runAsUser": null, "runAsGroup": null, "seccompProfile": {"type": "RuntimeDefault"}},
+                "readinessProbe": {"periodSeconds": 2, "failureThreshold": 5}
+            }),
+            vec![],
+            |d| {
+                let dep = one(d, "Deployment");
+                let pod = &dep["spec"]["template"]["spec"];
+                let c = container(d);
+                assert_eq!(dep["metadata"]["labels"]["team"], "platform");
+                assert_eq!(one(d, "ServiceAccount")["metadata"]["labels"]["team"], "platform");
+                assert_eq!(
+                    c["image"],
+                    "ghcr.io/statelock/statelock@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                );
+                assert_eq!(c["args"], json!(["run", "--log-format=plain"]));
+                assert_eq!(c["volumeMounts"][0]["mountPath"], "/etc/ssl/certs/corp");
+                assert_eq!(pod["volumes"][0]["configMap"]["name"], "corp-ca");
+                assert_eq!(pod["topologySpreadConstraints"][0]["topologyKey"], "topology.kubernetes.io/zone");
+                assert!(
+                    pod["securityContext"]["runAsUser"].is_null() && pod["securityContext"]["runAsNonRoot"] == true,
+                    "OpenShift assigns the UID"
+                );
+                assert_eq!(c["readinessProbe"]["periodSeconds"], 2);
+                assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+                assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "the container stays hardened");
+                let annotations = &dep["spec"]["template"]["metadata"]["annotations"];
+                assert_eq!(annotations["traffic.sidecar.istio.io/excludeInboundPorts"], "8081", "no sidecar before the gateway");
+                assert_eq!(annotations["config.linkerd.io/skip-inbound-ports"], "8081");
+            },
+        ),
         ("no aggregated user roles", json!({"rbac": {"aggregateToDefaultRoles": false}}), vec![], |d| {
             assert_eq!(of_kind(d, "ClusterRole").len(), 1, "only the operator's own");
         }),

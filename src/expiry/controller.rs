@@ -264,8 +264,14 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
-            if let Err(e) = r {
-                warn!(error = %e, "expiry reconcile failed");
+            match r {
+                // A StateLock deleted (its lock released) while a reconcile of it was queued:
+                // nothing is wrong, there is just nothing left to judge.
+                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+                    tracing::debug!(lock = %obj.name, "StateLock gone before its reconcile; nothing to do");
+                }
+                Err(e) => warn!(error = %e, "expiry reconcile failed"),
+                Ok(_) => {}
             }
         })
         .await;

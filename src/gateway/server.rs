@@ -370,9 +370,13 @@ fn note_effects(
                 gw.effects.granted(source, *record, pod);
             }
         }
-        Request::DeleteItem { .. } if outcome.is_ok() => {
+        Request::DeleteItem { condition, .. } if outcome.is_ok() => {
             gw.caches.nudge(source);
-            if let Some(id) = req.lock_id().filter(|id| !id.ends_with("-md5")) {
+            // A conditional delete is statelock's own exact release (expiry, manual unlock),
+            // which the expiry controller announces: no "released through the gateway" for it.
+            if condition.is_none()
+                && let Some(id) = req.lock_id().filter(|id| !id.ends_with("-md5"))
+            {
                 gw.effects.released(source, id);
             }
         }
