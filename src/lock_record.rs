@@ -176,12 +176,22 @@ pub fn human(secs: i64) -> String {
     }
 }
 
+/// The longest `spec.operation` written; Terraform's own words are a few bytes.
+const MAX_OPERATION_BYTES: usize = 256;
+
+/// `OperationTypeApply` as people say it: `apply`. Anything that is not one of Terraform's
+/// `OperationType…` words is kept as written.
+pub fn operation_word(op: &str) -> String {
+    op.strip_prefix("OperationType").filter(|w| !w.is_empty()).map_or_else(|| op.to_owned(), str::to_lowercase)
+}
+
 /// The StateLock spec that mirrors `record` for the LockSource `source`.
 pub fn spec_for(source: &str, record: &LockRecord) -> StateLockSpec {
     StateLockSpec {
         source: source.to_owned(),
         lock_id: record.lock_id.clone(),
         lock_info: record.info.clone(),
+        operation: record.info.operation.as_deref().map(|op| truncate(&operation_word(op), MAX_OPERATION_BYTES).to_owned()),
         info_sha256: record.info_sha256.clone(),
         raw_info: if record.is_valid() { None } else { record.raw_info.as_deref().map(|r| truncate(r, MAX_RAW_INFO_BYTES).to_owned()) },
         stored_in: record.stored_in.clone(),

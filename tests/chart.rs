@@ -322,8 +322,13 @@ fn every_toggle_lints_renders_and_validates() {
 fn notes_tell_how_to_point_terraform_and_atlantis_at_the_gateway() {
     let out = helm(&["notes", CHART, RELEASE, NAMESPACE, "{}"]);
     let notes = String::from_utf8_lossy(&out.stdout);
-    assert!(notes.contains("AWS_ENDPOINT_URL_DYNAMODB=http://sl-statelock-gateway.statelock-system.svc:8081"), "{notes}");
-    assert!(notes.contains("AWS_DYNAMODB_ENDPOINT=") && notes.contains("Atlantis"), "{notes}");
+    assert!(notes.contains("endpoints = { dynamodb = \"http://sl-statelock-gateway.statelock-system.svc:8081\" }"), "{notes}");
+    assert!(
+        notes.contains("dynamodb_endpoint = \"http://sl-statelock-gateway")
+            && notes.contains("Atlantis")
+            && notes.contains("Not AWS_ENDPOINT_URL_DYNAMODB"),
+        "{notes}"
+    );
     assert!(notes.contains("admits nobody"), "warns while no namespace may reach the gateway: {notes}");
 }
 

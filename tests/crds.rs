@@ -41,7 +41,7 @@ fn statelocks_print_exactly_the_documented_columns() {
         .collect();
     let expected = [
         ("Path", "string", ".spec.lockInfo.path", 0),
-        ("Operation", "string", ".spec.lockInfo.operation", 0),
+        ("Operation", "string", ".spec.operation", 0),
         ("Holder", "string", ".spec.lockInfo.who", 0),
         ("Holder-State", "string", ".status.holder.state", 0),
         ("Age", "date", ".spec.lockInfo.created", 0),

@@ -160,6 +160,135 @@ async fn terraform_1_0_locks_and_unlocks_through_dynamodb_endpoint() {
     lock_and_unlock_through_the_gateway(Terraform::v1_0()).await;
 }
 
+/// What the Atlantis guide tells users to do: the gateway is set for the backend only
+/// (`-backend-config`, never `AWS_ENDPOINT_URL_DYNAMODB` on the whole runner), so the lock goes
+/// through the gateway while a DynamoDB call made the way the AWS provider makes it, from the same
+/// runner during the same apply, reaches DynamoDB directly (the gateway would refuse it).
+async fn the_backend_alone_uses_the_gateway(tf: Terraform) {
+    let e = env(true, true).await;
+    let dir = e.cluster.dir.path().join("backend-only");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // The runner's environment stands for AWS itself: every AWS call the runner makes resolves
+    // its endpoint through it (moto here, AWS in production), as the AWS provider does.
+    let runner_env = [
+        ("AWS_ENDPOINT_URL", e.moto.url()),
+        ("AWS_ACCESS_KEY_ID", "AKIAFAKE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "fake".to_owned()),
+        ("AWS_DEFAULT_REGION", "us-east-1".to_owned()),
+    ];
+    let (backend, backend_config) = if tf.is_legacy() {
+        // Terraform 1.0 - 1.10: `dynamodb_endpoint`, which `-backend-config` can set as key=value.
+        let block: String = tf
+            .backend_with(&e.moto.url(), "unused", KEY, TABLE)
+            .lines()
+            .filter(|l| !l.contains("dynamodb_endpoint"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        (block, format!("-backend-config=dynamodb_endpoint={}", e.gateway))
+    } else {
+        // Terraform 1.11+: `endpoints`, an object, from a file. The S3 endpoint comes from the
+        // environment like every other AWS call's (a file's `endpoints` replaces the block's whole).
+        let block = format!(
+            "terraform {{\n  backend \"s3\" {{\n    bucket = \"tfstate\"\n    key = \"{KEY}\"\n    region = \"us-east-1\"\n    dynamodb_table = \"{TABLE}\"\n    access_key = \"AKIAFAKE\"\n    secret_key = \"fake\"\n    use_path_style = true\n    skip_credentials_validation = true\n    skip_requesting_account_id = true\n    skip_metadata_api_check = true\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("statelock-gateway.s3.tfbackend"), format!("endpoints = {{ dynamodb = \"{}\" }}\n", e.gateway))
+            .expect("tfbackend");
+        (block, "-backend-config=statelock-gateway.s3.tfbackend".to_owned())
+    };
+    std::fs::write(
+        dir.join("main.tf"),
+        format!("{backend}\nvariable \"v\" {{\n  default = \"a\"\n}}\noutput \"v\" {{\n  value = var.v\n}}\n"),
+    )
+    .expect("main.tf");
+    let mut init = tf.command(&dir, "atlantis-0", &["init", "-input=false", "-no-color", &backend_config]);
+    let init = init.envs(runner_env.clone()).output().expect("init");
+    assert!(init.status.success(), "init ({}): {}", tf.version, String::from_utf8_lossy(&init.stderr));
+    // The apply holds the lock while it waits for its answer.
+    let mut apply = tf.command(&dir, "atlantis-0", &["apply", "-no-color", "-var", "v=b"]);
+    let mut apply =
+        apply.envs(runner_env.clone()).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("apply");
+    let lock = eventually(Duration::from_secs(60), "the lock recorded by the gateway", || {
+        let ended = matches!(apply.try_wait(), Ok(Some(_)));
+        let cluster = &e.cluster;
+        async move {
+            if ended {
+                return Some(None);
+            }
+            let by_gateway = lock_object(cluster).await.filter(|l| {
+                l.status.as_ref().and_then(|s| s.holder.as_ref()).is_some_and(|h| h.identified_by == Some(HolderIdentification::Gateway))
+            });
+            by_gateway.map(Some)
+        }
+    })
+    .await;
+    let Some(lock) = lock else {
+        let out = apply.wait_with_output().expect("output");
+        panic!(
+            "apply ended before its lock was seen ({}): {}{}",
+            tf.version,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    assert_eq!(
+        lock.status.and_then(|s| s.gateway_holder).map(|g| g.pod),
+        Some("atlantis-0".to_owned()),
+        "the lock went through the gateway"
+    );
+    // Meanwhile the runner manages a DynamoDB table the way the AWS provider would: an AWS SDK
+    // resolving its endpoint from the runner's environment. It reaches DynamoDB itself.
+    let provider_call = "import boto3\n\
+        c = boto3.client('dynamodb')\n\
+        c.create_table(TableName='app-data', KeySchema=[{'AttributeName': 'id', 'KeyType': 'HASH'}], \
+        AttributeDefinitions=[{'AttributeName': 'id', 'AttributeType': 'S'}], BillingMode='PAY_PER_REQUEST')\n\
+        c.put_item(TableName='app-data', Item={'id': {'S': 'written-by-the-runner'}})\n";
+    let call = common::python_tool("python").args(["-c", provider_call]).envs(runner_env).current_dir(&dir).output().expect("python");
+    assert!(call.status.success(), "the provider-style calls succeed: {}", String::from_utf8_lossy(&call.stderr));
+    let item = e
+        .moto
+        .dynamodb()
+        .await
+        .get_item()
+        .table_name("app-data")
+        .key("id", aws_sdk_dynamodb::types::AttributeValue::S("written-by-the-runner".into()))
+        .send()
+        .await
+        .expect("the runner's table exists in DynamoDB");
+    assert!(item.item.is_some(), "the runner's item is in DynamoDB");
+    apply.stdin.take().expect("stdin").write_all(b"yes\n").expect("answer");
+    let out = apply.wait_with_output().expect("apply ends");
+    assert!(
+        out.status.success(),
+        "apply ({}): {}{}",
+        tf.version,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(10), "the StateLock removed at once", || async {
+        lock_object(&e.cluster).await.is_none().then_some(())
+    })
+    .await;
+    // The gateway saw the lock's calls and nothing else: no CreateTable, no foreign PutItem.
+    let m = e.op.metrics();
+    assert!(common::metric(&m, "statelock_gateway_requests_total{operation=\"PutItem\",result=\"ok\"}") >= Some(1.0), "{m}");
+    let seen: Vec<&str> = m.lines().filter(|l| l.starts_with("statelock_gateway_requests_total{")).collect();
+    assert!(
+        seen.iter().all(|l| !l.contains("operation=\"unknown\"") && l.contains("result=\"ok\"")),
+        "only the lock's calls, all served, reached the gateway: {seen:?}"
+    );
+    e.op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_11_plus_backend_config_file_sends_only_the_lock_to_the_gateway() {
+    the_backend_alone_uses_the_gateway(Terraform::modern()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_0_backend_config_sends_only_the_lock_to_the_gateway() {
+    the_backend_alone_uses_the_gateway(Terraform::v1_0()).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn contention_becomes_a_counted_event_series_and_a_waiter_in_status() {
     let e = env(true, true).await;

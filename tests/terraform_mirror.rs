@@ -65,7 +65,7 @@ async fn apply_shows_then_clears(tf: &Terraform, moto: &DynamoServer, cluster: &
     .await;
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cells[1], lock_id, "PATH column: {row}");
-    assert_eq!(cells[2], "OperationTypeApply", "OPERATION column: {row}");
+    assert_eq!(cells[2], "apply", "OPERATION column: {row}");
     assert_eq!(cells[3], "root@atlantis-0", "HOLDER column: {row}");
     let age = cells.last().copied().unwrap_or_default();
     assert!(

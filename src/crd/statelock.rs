@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(
         name = "Operation",
         type_ = "string",
-        json_path = ".spec.lockInfo.operation",
-        description = "The Terraform operation holding the lock"
+        json_path = ".spec.operation",
+        description = "The Terraform operation holding the lock, as people say it (apply, plan, ...)"
     ),
     printcolumn(
         name = "Holder",
@@ -97,6 +97,13 @@ pub struct StateLockSpec {
     /// missing or malformed in the item are absent here; the `InfoValid` condition says why.
     #[serde(default)]
     pub lock_info: LockInfo,
+
+    /// The operation holding the lock in the words people use: `apply`, `plan` or `refresh` for
+    /// Terraform's `OperationTypeApply`, `OperationTypePlan` and `OperationTypeRefresh`;
+    /// anything else as written in `lockInfo.operation` (for example `state-rm` or `init`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub operation: Option<String>,
 
     /// Lowercase hex SHA-256 of the exact `Info` attribute value. It identifies this lock instance:
     /// statelock releases a lock only while the item still carries this exact `Info`.

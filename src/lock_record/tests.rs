@@ -98,3 +98,15 @@ proptest::proptest! {
         proptest::prop_assert!(!r.is_valid() || (i.id.is_some() && i.who.is_some() && i.created.is_some()));
     }
 }
+
+#[test]
+fn operations_read_as_people_say_them() {
+    assert_eq!(operation_word("OperationTypeApply"), "apply");
+    assert_eq!(operation_word("OperationTypePlan"), "plan");
+    assert_eq!(operation_word("OperationTypeRefresh"), "refresh");
+    assert_eq!(operation_word("OperationType"), "OperationType");
+    assert_eq!(operation_word("state-rm"), "state-rm");
+    let huge = "OperationType".to_owned() + &"X".repeat(10_000);
+    let spec = spec_for("src", &LockRecord { info: LockInfo { operation: Some(huge), ..LockInfo::default() }, ..LockRecord::default() });
+    assert_eq!(spec.operation.map(|o| o.len()), Some(MAX_OPERATION_BYTES), "a huge operation is cut, not written whole");
+}
