@@ -118,7 +118,8 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         (Leadership::always(), None)
     };
 
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) });
+    let reporter = Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) };
+    let recorder = Recorder::new(client.clone(), reporter.clone());
     let tenancy = Arc::new(crate::tenancy::TenancyPolicy {
         identity_namespaces: if args.aws_identity_namespaces.is_empty() {
             vec![args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned())]
@@ -149,6 +150,7 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         expiry::controller::Deps {
             client: client.clone(),
             recorder: recorder.clone(),
+            reporter,
             metrics: metrics.clone(),
             leader: leadership.clone(),
             tenancy: tenancy.clone(),

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::{
     crd::{LockSource, StateLock},
-    expiry::manual_unlock::{FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION},
+    expiry::manual_unlock::{FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION, answer_mark},
     lock_record::{human, operation_word, parse_created},
     reasons,
 };
@@ -276,46 +276,86 @@ pub fn explain(lock: &StateLock, source: Option<&LockSource>, now: Timestamp) ->
 async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, timeout: Duration) -> Result<String, PluginError> {
     let lock = get_lock(client, ns, name).await?;
     let uid = lock.uid().unwrap_or_default();
+    // The request's token: every event answering this request begins with its mark, so that
+    // another request's answer (someone else's, or an earlier one of ours) is never taken for it.
+    // No clock is compared (this machine's may differ from the cluster's).
+    let token = request_token_now();
+    let mark = answer_mark(Some(&token));
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    // Only the events that answer a request (expiry publishes the others on its own).
-    let answers = [reasons::FORCE_UNLOCKED, reasons::UNLOCK_REFUSED, reasons::UNLOCK_ID_MISMATCH];
-    // The answers about this StateLock so far (name and count of each event series): the answer to
-    // this request is one not among them. No clock is compared (this machine's may differ).
-    let answers_now = || async {
+    let answers = || async {
         let list = events.list(&ListParams::default()).await?.items;
         Ok::<Vec<Event>, kube::Error>(
             list.into_iter()
                 .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
-                .filter(|e| e.reason.as_deref().is_some_and(|r| answers.contains(&r)))
+                .filter(|e| e.note.as_deref().is_some_and(|n| n.starts_with(&mark)))
                 .collect(),
         )
     };
-    let key = |e: &Event| (e.name_any(), e.series.as_ref().map_or(1, |s| s.count));
-    let before: std::collections::BTreeSet<(String, i32)> = answers_now().await?.iter().map(key).collect();
     // A leftover live override from an earlier request must not make this one live.
-    let annotations = json!({ FORCE_UNLOCK_ANNOTATION: id, FORCE_UNLOCK_LIVE_ANNOTATION: if live { json!("true") } else { json!(null) } });
+    let annotations = json!({
+        FORCE_UNLOCK_ANNOTATION: id,
+        FORCE_UNLOCK_LIVE_ANNOTATION: if live { json!("true") } else { json!(null) },
+        FORCE_UNLOCK_REQUEST_ANNOTATION: token,
+    });
     let api: Api<StateLock> = Api::namespaced(client.clone(), ns);
     api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": annotations}}))).await?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut told: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
-        if let Some(e) = answers_now().await?.into_iter().find(|e| !before.contains(&key(e))) {
-            let reason = e.reason.clone().unwrap_or_default();
-            let note = e.note.clone().unwrap_or_default();
-            return if reason == reasons::FORCE_UNLOCKED {
-                Ok(format!("{reason}: {note}\n"))
+        let seen = answers().await?;
+        let text = |e: &Event| {
+            format!("{}: {}", e.reason.as_deref().unwrap_or_default(), e.note.as_deref().unwrap_or_default().trim_start_matches(&mark))
+        };
+        if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
+            return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
+                Ok(format!("{}\n", text(e)))
             } else {
-                Err(PluginError::NotReleased(format!("{reason}: {note}")))
+                Err(PluginError::NotReleased(text(e)))
             };
         }
-        // The lock went away on its own (its holder unlocked it) and the request with it.
-        if api.get_opt(name).await?.is_none_or(|l| l.uid().unwrap_or_default() != uid) {
+        // Progress: a failed attempt that is tried again, a part released.
+        for e in &seen {
+            if told.insert(e.name_any()) {
+                eprintln!("{}", text(e));
+            }
+        }
+        let now = api.get_opt(name).await?.filter(|l| l.uid().unwrap_or_default() == uid);
+        let Some(now) = now else {
+            // The lock went away (its holder unlocked it, or the release finished) and the request with it.
             return Ok(format!("The lock was released meanwhile (StateLock {ns}/{name} is gone).\n"));
+        };
+        if now.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION) != Some(&token) {
+            // Handled (answers are published before the request is removed) or replaced.
+            let seen = answers().await?;
+            if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
+                return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
+                    Ok(format!("{}\n", text(e)))
+                } else {
+                    Err(PluginError::NotReleased(text(e)))
+                };
+            }
+            if let Some(e) = seen.iter().find(|e| e.reason.as_deref() == Some(reasons::LOCK_PARTIALLY_RELEASED)) {
+                return Err(PluginError::NotReleased(text(e)));
+            }
+            return Err(PluginError::NotReleased(
+                "the request was removed without an answer: another request replaced it, or the lock was already gone when it was read"
+                    .into(),
+            ));
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(PluginError::NoAnswer(timeout));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The events that end a request: released, refused, the wrong ID, or the lock changed.
+const FINAL_ANSWERS: [&str; 4] = [reasons::FORCE_UNLOCKED, reasons::UNLOCK_REFUSED, reasons::UNLOCK_ID_MISMATCH, reasons::RELEASE_SKIPPED];
+
+/// A token that no other request carries: the time in nanoseconds and this process's ID.
+fn request_token_now() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{:x}", std::process::id())
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub const FORCE_UNLOCKED: &str = "ForceUnlocked";
 pub const UNLOCK_REFUSED: &str = "UnlockRefused";
 /// A force-unlock request named another lock ID: nothing released. Warning.
 pub const UNLOCK_ID_MISMATCH: &str = "UnlockIdMismatch";
+/// A manual unlock whose release failed (an AWS error): the request is kept and tried again. Warning.
+pub const UNLOCK_FAILED: &str = "UnlockFailed";
 
 /// A client tried to take a lock that another holds (seen by the gateway); one series per waiter
 /// and lock, on the StateLock and the waiting pod. Warning.

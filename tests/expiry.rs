@@ -762,3 +762,42 @@ async fn a_lagging_pod_cache_never_condemns_a_live_holder() {
     wait_released(&e, "PodNotFound").await;
     e.op.stop().await;
 }
+
+/// Handling a force-unlock request removes that request only: annotations changed since it was
+/// read (a newer request) stay for the next pass, and the StateLock's other annotations are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_force_unlock_request_is_never_removed_with_the_one_handled() {
+    use kube::runtime::events::{Recorder, Reporter};
+    use statelock::cluster::writer::{LockWriter, Writer};
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    let locks: Api<StateLock> = Api::namespaced(cluster.client(), NS);
+    let body: StateLock = serde_json::from_value(json!({
+        "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock",
+        "metadata": {"name": "l", "annotations": {"team": "infra", "statelock.dev/force-unlock": "id-1", "statelock.dev/force-unlock-request": "t-1"}},
+        "spec": {"source": "tf-locks", "lockId": LOCK},
+    }))
+    .expect("StateLock");
+    let read = locks.create(&PostParams::default(), &body).await.expect("create");
+    let writer = LockWriter::new(
+        cluster.client(),
+        Recorder::new(cluster.client(), Reporter { controller: "t".into(), instance: None }),
+        Writer::Expire,
+    );
+    let keys = ["statelock.dev/force-unlock", "statelock.dev/force-unlock-live", "statelock.dev/force-unlock-request"];
+    // A newer request (same lock ID, now live, another token) arrives after `read`.
+    let newer =
+        json!({"metadata": {"annotations": {"statelock.dev/force-unlock-live": "true", "statelock.dev/force-unlock-request": "t-2"}}});
+    locks.patch("l", &PatchParams::default(), &Patch::Merge(newer)).await.expect("newer request");
+    assert!(!writer.remove_annotations_as_read(&read, &keys).await.expect("patch"), "the older request is not removed");
+    let now = locks.get("l").await.expect("get");
+    assert_eq!(now.annotations().get("statelock.dev/force-unlock-request").map(String::as_str), Some("t-2"), "{:?}", now.annotations());
+    assert_eq!(now.annotations().get("statelock.dev/force-unlock-live").map(String::as_str), Some("true"));
+    // The newer one, as read, is removed; other annotations stay.
+    assert!(writer.remove_annotations_as_read(&now, &keys).await.expect("patch"));
+    let after = locks.get("l").await.expect("get");
+    assert_eq!(after.annotations().keys().collect::<Vec<_>>(), vec!["team"], "only the request is gone");
+    // Nothing to remove is not an error.
+    assert!(writer.remove_annotations_as_read(&after, &keys).await.expect("nothing to remove"));
+}

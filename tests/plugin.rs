@@ -122,9 +122,18 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
         "{why}"
     );
     // A lock ID other than the one held now (the lock re-taken since it was looked at) releases nothing.
-    let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["unlock", &name, "99999999-2222-3333-4444-555555555555", "-n", NS]);
-    assert!(!ok && err.contains("UnlockIdMismatch"), "{err}");
+    // Each request gets its own answer, even the same request twice in a row (its answer is
+    // told apart by the request's token, not by what was there before).
+    for _ in 0..2 {
+        let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["unlock", &name, "99999999-2222-3333-4444-555555555555", "-n", NS]);
+        assert!(!ok && err.contains("UnlockIdMismatch") && !err.contains("[request"), "{err}");
+    }
     assert!(lock_item_exists(&db, TABLE, dead_lock).await);
+    let request = Api::<StateLock>::namespaced(cluster.client(), NS).get(&name).await.expect("get");
+    assert!(
+        !request.metadata.annotations.unwrap_or_default().keys().any(|k| k.starts_with("statelock.dev/force-unlock")),
+        "handled requests are removed"
+    );
     let (ok, out, err) = plugin(bin_dir.path(), &cluster, &["unlock", &name, "11111111-2222-3333-4444-555555555555", "-n", NS]);
     assert!(ok, "{err}");
     assert!(out.starts_with("ForceUnlocked: released lock 11111111-2222-3333-4444-555555555555"), "{out}");

@@ -126,7 +126,8 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
     }
     let src: LockSource = serde_json::from_value(json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": "bench", "namespace": "default"}, "spec": full})).expect("src");
     Api::<LockSource>::namespaced(client.clone(), "default").create(&PostParams::default(), &src).await.expect("LockSource");
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "statelock-bench".into(), instance: None });
+    let reporter = Reporter { controller: "statelock-bench".into(), instance: None };
+    let recorder = Recorder::new(client.clone(), reporter.clone());
     let metrics = statelock::metrics::Metrics::new();
     let leader = statelock::leader::Leadership::always();
     let cancel = CancellationToken::new();
@@ -134,8 +135,16 @@ pub async fn rig(url: &str, table: &str, spec: Value) -> Rig {
     let mirror =
         Arc::new(mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leader.clone(), open_tenancy(), cluster.clone()));
     tokio::spawn(mirror::run(mirror.clone(), Readiness::default(), cancel.clone()));
-    let deps =
-        expiry::controller::Deps { client: client.clone(), recorder, metrics, leader, tenancy: open_tenancy(), cluster, lock_triggers };
+    let deps = expiry::controller::Deps {
+        client: client.clone(),
+        recorder,
+        reporter,
+        metrics,
+        leader,
+        tenancy: open_tenancy(),
+        cluster,
+        lock_triggers,
+    };
     tokio::spawn(expiry::controller::run(deps, Readiness::default(), cancel.clone()));
     Rig { emulator, client, mirror, cancel }
 }

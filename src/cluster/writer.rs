@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
-    runtime::events::{Event, EventType, Recorder},
+    runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde_json::{Value, json};
 use tracing::warn;
@@ -46,11 +46,19 @@ pub struct LockWriter {
     client: Client,
     recorder: Recorder,
     writer: Writer,
+    /// Who [`LockWriter::publish_new`] reports as; without it, it publishes through the recorder.
+    reporter: Option<Reporter>,
 }
 
 impl LockWriter {
     pub fn new(client: Client, recorder: Recorder, writer: Writer) -> Self {
-        Self { client, recorder, writer }
+        Self { client, recorder, writer, reporter: None }
+    }
+
+    /// The same writer, able to publish events of their own ([`LockWriter::publish_new`]) as
+    /// `reporter` (the recorder's reporter).
+    pub fn with_reporter(self, reporter: Reporter) -> Self {
+        Self { reporter: Some(reporter), ..self }
     }
 
     fn api(&self, namespace: &str) -> Api<StateLock> {
@@ -83,12 +91,28 @@ impl LockWriter {
         self.api(namespace).patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await
     }
 
-    /// Remove annotations (a consumed request).
-    pub async fn remove_annotations(&self, lock: &StateLock, keys: &[&str]) -> kube::Result<()> {
-        let nulls: serde_json::Map<String, Value> = keys.iter().map(|k| ((*k).to_owned(), Value::Null)).collect();
-        let patch = json!({"metadata": {"annotations": nulls}});
-        self.api(&lock.namespace().unwrap_or_default()).patch(&lock.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        Ok(())
+    /// Remove the annotations `keys`, but only while each still has the value `lock` (as read)
+    /// has, or is still absent: a JSON Patch of `test` operations, then the removals. Returns
+    /// false when one changed meanwhile (a newer request, say) and nothing was removed.
+    pub async fn remove_annotations_as_read(&self, lock: &StateLock, keys: &[&str]) -> kube::Result<bool> {
+        let read = lock.annotations();
+        let pointer = |k: &str| format!("/metadata/annotations/{}", k.replace('~', "~0").replace('/', "~1"));
+        let mut ops: Vec<Value> = keys.iter().map(|k| json!({"op": "test", "path": pointer(k), "value": read.get(*k)})).collect();
+        ops.extend(keys.iter().filter(|k| read.contains_key(**k)).map(|k| json!({"op": "remove", "path": pointer(k)})));
+        if ops.len() == keys.len() {
+            return Ok(true);
+        }
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).map_err(kube::Error::SerdeError)?;
+        match self
+            .api(&lock.namespace().unwrap_or_default())
+            .patch(&lock.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => Ok(true),
+            // A failed test (422), or the StateLock gone (404).
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Delete exactly the StateLock with `uid`; gone already (or replaced: the precondition
@@ -124,6 +148,37 @@ impl LockWriter {
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, regarding).await {
+            warn!(error = %e, reason, "failed to publish event");
+        }
+    }
+
+    /// Publish an event about a StateLock as an event of its own: never folded into the series
+    /// of an earlier event with the same reason (the recorder keeps a series' first note, so a
+    /// note that must be read, such as an answer to a request, needs its own event).
+    pub async fn publish_new(&self, lock: &StateLock, reason: &str, warning: bool, note: &str) {
+        let Some(reporter) = &self.reporter else {
+            return self.publish(lock, reason, warning, note, None).await;
+        };
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let namespace = lock.namespace().unwrap_or_default();
+        let event = k8s_openapi::api::events::v1::Event {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(namespace.clone()),
+                name: Some(format!("{}.{:x}", lock.name_any(), now.as_nanosecond())),
+                ..Default::default()
+            },
+            action: Some(self.writer.action().into()),
+            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)),
+            note: Some(truncate(note, MAX_NOTE_BYTES).to_owned()),
+            reason: Some(reason.into()),
+            regarding: Some(lock.object_ref(&())),
+            reporting_controller: Some(reporter.controller.clone()),
+            reporting_instance: Some(reporter.instance.clone().unwrap_or_else(|| reporter.controller.clone())),
+            type_: Some(if warning { "Warning" } else { "Normal" }.into()),
+            ..Default::default()
+        };
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(e) = events.create(&kube::api::PostParams::default(), &event).await {
             warn!(error = %e, reason, "failed to publish event");
         }
     }

@@ -18,7 +18,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::Recorder,
+        events::{Recorder, Reporter},
         reflector::{ObjectRef, Store},
         watcher,
     },
@@ -31,7 +31,9 @@ use super::decision::{self, Blocked, ExpiryStep, UnlockRequest, UnlockStep};
 use super::holder_liveness::{
     self, Established, Facts, HolderLookup, HolderNamespaces, HolderPolicy, LockFacts, PodFacts, PodRef, PodView, Reason, Verdict,
 };
-use super::manual_unlock::{FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION};
+use super::manual_unlock::{
+    FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION, answer_mark, request_token,
+};
 use crate::{
     admin::Readiness,
     cluster::{
@@ -58,6 +60,9 @@ use crate::{
 pub struct Deps {
     pub client: Client,
     pub recorder: Recorder,
+    /// Who the recorder reports as (for answers to manual unlock requests, which are events of
+    /// their own rather than a series).
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     /// Every replica judges nothing and writes nothing unless it leads.
     pub leader: Leadership,
@@ -194,7 +199,7 @@ fn policy(source: &LockSource) -> HolderPolicy {
 
 /// Run the controller until `shutdown`.
 pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) {
-    let Deps { client, recorder, metrics, leader, tenancy, cluster, lock_triggers } = deps;
+    let Deps { client, recorder, reporter, metrics, leader, tenancy, cluster, lock_triggers } = deps;
     readiness.add_gate("pods", "syncing the pod cache");
     // Pod changes come from the shared cache, which stores each change before announcing it, so
     // a reconcile triggered by a pod event always sees that event in the cache. A subscriber
@@ -219,7 +224,7 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
         leader: leader.clone(),
         pods: cluster.pods.clone(),
         sources: cluster.sources.clone(),
-        writer: LockWriter::new(client.clone(), recorder, Writer::Expire),
+        writer: LockWriter::new(client.clone(), recorder, Writer::Expire).with_reporter(reporter),
         tenancy,
         aws: cluster.aws.clone(),
     });
@@ -509,10 +514,12 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
     }
     let mut unlock_released = false;
     if let (Some(step), Some(requested)) = (&decided.unlock, unlock_request.as_deref()) {
+        // Every event that answers the request carries its token, when it has one.
+        let mark = answer_mark(request_token(lock.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION).map(String::as_str)));
         match step {
             UnlockStep::NotDecided => {
-                let note = format!("force-unlock {requested} was not carried out: {}", verdict.message);
-                publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &note, None).await;
+                let note = format!("{mark}force-unlock {requested} was not carried out: {}", verdict.message);
+                publish_answer(&ctx, &lock, reasons::UNLOCK_REFUSED, &note, None, &mark).await;
             }
             UnlockStep::Release => {
                 if let Some((_, parts)) = &authority {
@@ -522,19 +529,30 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                         note: format!("released lock {requested} on request (holder {:?}: {})", verdict.state, verdict.message),
                         pod: None,
                         skipped_note: "the lock item changed since it was read; nothing was released",
+                        mark: mark.clone(),
                     };
-                    unlock_released = release_and_report(&ctx, &source, &lock, parts, report).await?;
+                    match release_and_report(&ctx, &source, &lock, parts, report).await {
+                        Ok(released) => unlock_released = released,
+                        Err(e) => {
+                            // The request stays and is tried again; its asker hears why it waits.
+                            let note =
+                                format!("{mark}force-unlock {requested}: the release failed ({e}); the request is kept and tried again");
+                            publish_answer(&ctx, &lock, reasons::UNLOCK_FAILED, &note, None, &mark).await;
+                            return Err(e);
+                        }
+                    }
                 }
             }
             UnlockStep::WrongId { requested, actual } => {
                 let note = format!(
-                    "force-unlock names lock ID {requested} but the lock item's ID is {}; nothing was released",
+                    "{mark}force-unlock names lock ID {requested} but the lock item's ID is {}; nothing was released",
                     actual.as_deref().unwrap_or("unknown")
                 );
-                publish(&ctx, &lock, reasons::UNLOCK_ID_MISMATCH, &note, None).await;
+                publish_answer(&ctx, &lock, reasons::UNLOCK_ID_MISMATCH, &note, None, &mark).await;
             }
             UnlockStep::RefusedLiveHolder => {
-                publish(&ctx, &lock, reasons::UNLOCK_REFUSED, &decision::refused_message(&verdict), verdict.pod.as_ref()).await;
+                let note = format!("{mark}{}", decision::refused_message(&verdict));
+                publish_answer(&ctx, &lock, reasons::UNLOCK_REFUSED, &note, verdict.pod.as_ref(), &mark).await;
             }
         }
         consume_unlock_request(&ctx, &lock).await?;
@@ -556,6 +574,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             ),
             pod: verdict.pod.as_ref(),
             skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
+            mark: String::new(),
         };
         expired = Some(release_and_report(&ctx, &source, &lock, parts, report).await?);
     }
@@ -581,12 +600,19 @@ async fn report_blocked(ctx: &Context, lock: &StateLock, previous: &StateLockSta
     publish(ctx, lock, reasons::RELEASE_BLOCKED, &format!("{}: {}", b.reason, b.message), pod).await;
 }
 
-/// Remove the force-unlock annotations: a request is handled once.
+/// Remove the force-unlock annotations: a request is handled once. Only the request that was
+/// read is removed: annotations changed meanwhile are a newer request, left for the next pass.
 async fn consume_unlock_request(ctx: &Context, lock: &StateLock) -> Result<(), ExpiryError> {
-    ctx.writer
-        .remove_annotations(lock, &[FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION])
+    let keys = [FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION];
+    let removed = ctx
+        .writer
+        .remove_annotations_as_read(lock, &keys)
         .await
-        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })
+        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
+    if !removed {
+        info!(lock = %lock.spec.lock_id, "a newer force-unlock request arrived while one was handled; it is handled next");
+    }
+    Ok(())
 }
 
 /// How a release is reported, for a force-unlock or an expiry.
@@ -596,6 +622,8 @@ struct ReleaseReport<'a> {
     note: String,
     pod: Option<&'a PodRef>,
     skipped_note: &'static str,
+    /// Begins every note: the request's mark for a manual unlock, else empty.
+    mark: String,
 }
 
 /// Release every part of the exact lock instance read from the authorities (each delete
@@ -614,8 +642,8 @@ async fn release_and_report(
     // Only the parts of one lock instance are ever released together (the judgement holds for
     // that instance alone).
     if !matches!(combine(&lock.spec.lock_id, parts), Combined::Lock(_)) {
-        publish(ctx, lock, reasons::RELEASE_SKIPPED, "the parts of this lock do not hold one lock instance; nothing was released", None)
-            .await;
+        let note = format!("{}the parts of this lock do not hold one lock instance; nothing was released", report.mark);
+        publish_answer(ctx, lock, reasons::RELEASE_SKIPPED, &note, None, &report.mark).await;
         return Ok(false);
     }
     let sdk = ctx.aws.get(&ctx.client, &ctx.tenancy, source).await?;
@@ -638,28 +666,38 @@ async fn release_and_report(
             Ok(ReleaseOutcome::HeldByAnother) if matches!(store.read(&lock.spec.lock_id).await, Ok(None)) => {}
             Ok(ReleaseOutcome::HeldByAnother) => {
                 if released.is_empty() {
-                    publish(ctx, lock, reasons::RELEASE_SKIPPED, report.skipped_note, None).await;
+                    publish_answer(
+                        ctx,
+                        lock,
+                        reasons::RELEASE_SKIPPED,
+                        &format!("{}{}", report.mark, report.skipped_note),
+                        None,
+                        &report.mark,
+                    )
+                    .await;
                 } else {
                     let note = format!(
-                        "released the {} of lock {}, but the {} changed since it was judged (re-taken or updated) and was not released",
+                        "{}released the {} of lock {}, but the {} changed since it was judged (re-taken or updated) and was not released",
+                        report.mark,
                         parts_text(&released),
                         lock.spec.lock_id,
                         part.kind.part_name()
                     );
-                    ctx.writer.publish(lock, reasons::LOCK_PARTIALLY_RELEASED, true, &note, None).await;
+                    publish_answer(ctx, lock, reasons::LOCK_PARTIALLY_RELEASED, &note, None, &report.mark).await;
                 }
                 return Ok(false);
             }
             Err(e) => {
                 if !released.is_empty() {
                     let note = format!(
-                        "released the {} of lock {} but not the {}: {e}; trying again",
+                        "{}released the {} of lock {} but not the {}: {e}; trying again",
+                        report.mark,
                         parts_text(&released),
                         lock.spec.lock_id,
                         part.kind.part_name()
                     );
                     warn!(lock = %lock.spec.lock_id, error = %e, "partial release");
-                    ctx.writer.publish(lock, reasons::LOCK_PARTIALLY_RELEASED, true, &note, None).await;
+                    publish_answer(ctx, lock, reasons::LOCK_PARTIALLY_RELEASED, &note, None, &report.mark).await;
                 }
                 return Err(e.into());
             }
@@ -671,7 +709,8 @@ async fn release_and_report(
     ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: report.metric_reason }).inc();
     info!(lock = %lock.spec.lock_id, reason = report.event_reason, parts = %parts_text(&released), "lock released");
     let note = if parts.len() > 1 { format!("{} ({} released)", report.note, parts_text(&released)) } else { report.note };
-    publish(ctx, lock, report.event_reason, &note, report.pod).await;
+    let note = format!("{}{note}", report.mark);
+    publish_answer(ctx, lock, report.event_reason, &note, report.pod, &report.mark).await;
     Ok(true)
 }
 
@@ -682,6 +721,19 @@ fn parts_text(kinds: &[StoreKind]) -> String {
 fn count_s3(ctx: &Context, source: &LockSource, request: &str) {
     let labels = S3RequestLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any(), request: request.into() };
     ctx.metrics.locks.s3_requests.get_or_create(&labels).inc();
+}
+
+/// [`publish`], for an event that answers a manual unlock request marked `mark` (empty: no
+/// request, or one without a token): a new event of its own, never folded into an earlier
+/// event's series (a series keeps its first note, and the mark would be lost).
+async fn publish_answer(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>, mark: &str) {
+    if mark.is_empty() {
+        return publish(ctx, lock, reason, note, pod).await;
+    }
+    ctx.writer.publish_new(lock, reason, true, note).await;
+    if let Some(p) = pod.and_then(|p| ctx.pods.get(&p.namespace, &p.name)) {
+        ctx.writer.publish_on(&p.object_ref(&()), reason, true, note).await;
+    }
 }
 
 async fn publish(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>) {

@@ -6,13 +6,31 @@
 //! only a Dead holder (judged from the authorities) or an External one (outside the cluster: the
 //! person decides, as with `terraform force-unlock`) is released; Alive, Unknown and Ambiguous
 //! holders need the override. The request is
-//! consumed (the annotations are removed) whatever the outcome, and an event says what happened.
+//! consumed (the annotations are removed, only while they still say what was read, so that a newer
+//! request is never lost) whatever the outcome, and an event says what happened. A request that
+//! also carries `statelock.dev/force-unlock-request: <token>` (what `kubectl statelock unlock`
+//! sets) gets every event that answers it marked: its note begins `[request <token>] ` (a note is cut
+//! at its end when too long, never at its beginning), so that the one who asked
+//! finds its own answer among others'. A release that fails (an AWS error) keeps the request,
+//! answers `UnlockFailed` and is tried again.
 //! Manual unlock works in Observe mode too: it is a person's decision, not the controller's.
 
 use crate::crd::HolderState;
 
 pub const FORCE_UNLOCK_ANNOTATION: &str = "statelock.dev/force-unlock";
 pub const FORCE_UNLOCK_LIVE_ANNOTATION: &str = "statelock.dev/force-unlock-live";
+pub const FORCE_UNLOCK_REQUEST_ANNOTATION: &str = "statelock.dev/force-unlock-request";
+
+/// The request token as it is echoed in answers: 1 to 64 ASCII letters, digits and `-`. Anything
+/// else (a hostile or huge value) is not echoed.
+pub fn request_token(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+/// The mark that begins the note of every event answering the request with `token`.
+pub fn answer_mark(token: Option<&str>) -> String {
+    token.map(|t| format!("[request {t}] ")).unwrap_or_default()
+}
 
 /// What to do with a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,5 +78,15 @@ mod tests {
             matches!(decide(right, None, HolderState::Dead, None), UnlockDecision::WrongId { .. }),
             "a lock without an ID cannot be named"
         );
+    }
+
+    #[test]
+    fn only_plain_tokens_are_echoed() {
+        assert_eq!(request_token(Some("3f2a-9c")), Some("3f2a-9c"));
+        assert_eq!(answer_mark(request_token(Some("3f2a-9c"))), "[request 3f2a-9c] ");
+        for hostile in ["", "a b", "x\nForceUnlocked: released", "[request x]", "ü", &"a".repeat(65)] {
+            assert_eq!(request_token(Some(hostile)), None, "{hostile:?}");
+        }
+        assert_eq!(answer_mark(None), "");
     }
 }
