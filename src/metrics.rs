@@ -87,6 +87,17 @@ pub struct LockMetrics {
     /// S3 requests made for lock files, per LockSource and request class as S3 bills them
     /// (`LIST`, `GET`, `DELETE`).
     pub s3_requests: Family<S3RequestLabels, Counter>,
+    /// SQS requests made for the lock files' event queue, per LockSource and request
+    /// (`ReceiveMessage`, `DeleteMessageBatch`); SQS bills each.
+    pub sqs_requests: Family<SqsRequestLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SqsRequestLabels {
+    pub namespace: String,
+    pub source: String,
+    /// `ReceiveMessage` or `DeleteMessageBatch`.
+    pub request: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -286,6 +297,7 @@ impl Default for Metrics {
             stream_errors: Family::default(),
             full_scans: Family::default(),
             s3_requests: Family::default(),
+            sqs_requests: Family::default(),
         };
         let seconds = prometheus_client::registry::Unit::Seconds;
         registry.register("locks_held", "Locks held now, per LockSource (as last read by the leader)", locks.held.clone());
@@ -323,6 +335,11 @@ impl Default for Metrics {
             "s3_requests",
             "S3 requests made for lock files (LIST and GET by the mirror, GET and DELETE by releases), per LockSource and request class",
             locks.s3_requests.clone(),
+        );
+        registry.register(
+            "sqs_requests",
+            "SQS requests made for the lock files' event queue (event mode), per LockSource and request",
+            locks.sqs_requests.clone(),
         );
 
         let controllers =

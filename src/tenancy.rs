@@ -88,6 +88,16 @@ impl TenancyPolicy {
             source.spec.s3.as_ref().map(|s| (s.endpoint.as_deref(), s.credentials_secret_ref.is_some())),
             source.spec.dynamodb.as_ref().map(|d| (d.endpoint.as_deref(), d.credentials_secret_ref.is_some())),
         ];
+        // The lock files' event queue is reached with the bucket's identity; AWS's own SQS
+        // endpoint of the bucket's region needs no allow-listing, any other origin does.
+        if let Some((s3, events)) = source.spec.s3.as_ref().and_then(|s| s.events.as_ref().map(|e| (s, e)))
+            && !events.is_aws_endpoint(&s3.region)
+        {
+            let endpoint = events.endpoint().unwrap_or(&events.queue_url);
+            if !self.endpoint_allowed(endpoint) {
+                return Err(Refusal::EndpointNotAllowed { namespace, name, endpoint: endpoint.to_owned() });
+            }
+        }
         for (endpoint, has_secret) in parts.into_iter().flatten() {
             if let Some(endpoint) = endpoint
                 && !self.endpoint_allowed(endpoint)

@@ -332,3 +332,155 @@ async fn a_big_bucket_is_listed_and_only_its_lock_files_are_read_once() {
     assert!(state_lock(&e.cluster, &ids[1]).await.is_some());
     e.op.stop().await;
 }
+
+/// The state bucket sends its lock files' events to a queue (moto delivers S3 Event
+/// Notifications to SQS): after one listing, locks appear and go through events alone (no
+/// further LIST), garbage on the queue is deleted without holding anything up, and a bucket that
+/// does not send its events there is found out and listed every pass instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn event_mode_follows_the_queue_and_lists_only_as_a_safety_net() {
+    use aws_sdk_s3::types::{
+        Event as S3Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter, QueueConfiguration,
+        S3KeyFilter,
+    };
+    let moto = DynamoServer::moto();
+    assert_eq!(http_request("PUT", &format!("{}/{BUCKET}", moto.url()), ""), 200, "state bucket");
+    let sqs = common::sqs_client(&moto.url()).await;
+    let s3 = s3_client(&moto.url()).await;
+    let queue_url = sqs.create_queue().queue_name("statelock-tfstate").send().await.expect("queue").queue_url.expect("url");
+    // The bucket sends the queue created lock files but not removed ones: found out, and listed
+    // every pass.
+    let arn = "arn:aws:sqs:us-east-1:123456789012:statelock-tfstate";
+    let rule = |events: &[&str]| {
+        let mut b = QueueConfiguration::builder().queue_arn(arn).filter(
+            NotificationConfigurationFilter::builder()
+                .key(
+                    S3KeyFilter::builder()
+                        .filter_rules(FilterRule::builder().name(FilterRuleName::Suffix).value(".tflock").build())
+                        .build(),
+                )
+                .build(),
+        );
+        for e in events {
+            b = b.events(S3Event::from(*e));
+        }
+        b.build().expect("queue configuration")
+    };
+    let configure = |events: &'static [&'static str]| {
+        let s3 = s3.clone();
+        let rule = rule(events);
+        async move {
+            s3.put_bucket_notification_configuration()
+                .bucket(BUCKET)
+                .notification_configuration(NotificationConfiguration::builder().queue_configurations(rule).build())
+                .send()
+                .await
+                .expect("notification configuration");
+        }
+    };
+    configure(&["s3:ObjectCreated:*"]).await;
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    for ns in [NS, RUNNERS] {
+        cluster.create_namespace(ns).await;
+    }
+    let spec = json!({
+        "s3": {"bucket": BUCKET, "region": "us-east-1", "endpoint": moto.url(), "events": {"queueUrl": queue_url, "resyncInterval": "1h"}},
+        "sync": {"mode": "Scan", "interval": "1s"},
+        "holders": {"namespaces": [RUNNERS], "hostnamePattern": "atlantis-[0-9]+"},
+    });
+    cluster.create_lock_source(NS, "state-bucket", spec).await;
+    let op = Operator::start(&cluster);
+    let ready = |want: &'static str| {
+        let client = cluster.client();
+        async move {
+            let src = Api::<statelock::crd::LockSource>::namespaced(client, NS).get("state-bucket").await.expect("LockSource");
+            let c = src.status.and_then(|s| s.conditions.into_iter().next())?;
+            (c.reason == want).then_some(c.message)
+        }
+    };
+    let why = eventually(Duration::from_secs(30), "ListingFallback", || ready("ListingFallback")).await;
+    assert!(why.contains("sends no s3:ObjectRemoved events"), "{why}");
+    configure(&["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]).await;
+    eventually(Duration::from_secs(30), "Synced once the bucket sends to the queue", || ready("Synced")).await;
+    let lists = || metric(&op.metrics(), "statelock_s3_requests_total{namespace=\"terraform\",source=\"state-bucket\",request=\"LIST\"}");
+    let lists_before = lists();
+    assert!(lists_before >= Some(1.0));
+
+    // A real Terraform's lock file appears and goes through events alone.
+    let tf = Terraform::modern();
+    let dir = e_dir(&cluster, &tf, &moto.url(), "events/terraform.tfstate");
+    let init = tf.command(&dir, "atlantis-0", &["init", "-input=false", "-no-color"]).output().expect("init");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let mut apply = tf
+        .command(&dir, "atlantis-0", &["apply", "-no-color", "-var", "v=b"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("apply");
+    let lock_id = format!("{BUCKET}/events/terraform.tfstate");
+    let seen = eventually(Duration::from_secs(30), "the lock file's StateLock", || state_lock(&cluster, &lock_id)).await;
+    assert_eq!(seen.spec.operation.as_deref(), Some("apply"));
+    std::io::Write::write_all(&mut apply.stdin.take().expect("stdin"), b"no\n").expect("answer");
+    let _ = apply.wait();
+    eventually(Duration::from_secs(30), "the StateLock gone with the file", || async {
+        state_lock(&cluster, &lock_id).await.is_none().then_some(())
+    })
+    .await;
+
+    // Garbage on the queue is deleted and holds nothing up.
+    sqs.send_message().queue_url(&queue_url).message_body("not an S3 notification").send().await.expect("send");
+    let key = "other/terraform.tfstate.tflock";
+    let info = terraform_info(
+        "aaaaaaaa-2222-3333-4444-555555555555",
+        "root@atlantis-9",
+        "tfstate/other/terraform.tfstate",
+        "2026-11-30T00:00:00Z",
+    );
+    s3.put_object().bucket(BUCKET).key(key).body(info.into_bytes().into()).send().await.expect("put");
+    let other = format!("{BUCKET}/other/terraform.tfstate");
+    eventually(Duration::from_secs(30), "a lock file put after the garbage", || state_lock(&cluster, &other)).await;
+    s3.delete_object().bucket(BUCKET).key(key).send().await.expect("delete");
+    eventually(Duration::from_secs(30), "its StateLock gone", || async { state_lock(&cluster, &other).await.is_none().then_some(()) })
+        .await;
+    eventually(Duration::from_secs(30), "the queue emptied (garbage included)", || {
+        let sqs = sqs.clone();
+        let url = queue_url.clone();
+        async move {
+            let attrs = sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                .send()
+                .await
+                .expect("attributes")
+                .attributes
+                .unwrap_or_default();
+            let n = |k: aws_sdk_sqs::types::QueueAttributeName| attrs.get(&k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
+            (n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages) == 0
+                && n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible) == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    let m = op.metrics();
+    assert_eq!(lists(), lists_before, "no listing: everything came through events\n{m}");
+    assert!(
+        metric(&m, "statelock_sqs_requests_total{namespace=\"terraform\",source=\"state-bucket\",request=\"DeleteMessageBatch\"}")
+            >= Some(3.0),
+        "{m}"
+    );
+    op.stop().await;
+}
+
+fn e_dir(cluster: &TestCluster, tf: &Terraform, moto: &str, key: &str) -> std::path::PathBuf {
+    let dir = cluster.dir.path().join("events");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = format!(
+        "{}\nvariable \"v\" {{\n  default = \"a\"\n}}\noutput \"v\" {{\n  value = var.v\n}}\n",
+        tf.backend_lockfile(moto, key, None)
+    );
+    std::fs::write(dir.join("main.tf"), config).expect("main.tf");
+    dir
+}

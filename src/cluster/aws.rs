@@ -40,6 +40,9 @@ pub struct SourceSdk {
     pub passthrough: aws_sdk_dynamodb::Client,
     /// The lock files' bucket, when the LockSource names one (`spec.s3`).
     pub s3: Option<aws_sdk_s3::Client>,
+    /// The lock files' event queue, when the LockSource names one (`spec.s3.events`): the
+    /// bucket's region and credentials, the queue URL's origin as endpoint.
+    pub sqs: Option<aws_sdk_sqs::Client>,
     /// Whether the bucket's endpoint honours `If-Match` on DeleteObject (probed before the first
     /// release through these clients).
     pub s3_if_match: Arc<tokio::sync::OnceCell<bool>>,
@@ -90,6 +93,13 @@ impl SourceClients {
             (None, None) => ("us-east-1", None),
         };
         let config = sdk_config(region, endpoint, creds.dynamodb).await;
+        let sqs = match source.spec.s3.as_ref().and_then(|s| s.events.as_ref().map(|e| (s, e))) {
+            Some((s, events)) => {
+                let c = sdk_config(&s.region, events.endpoint(), creds.s3.clone()).await;
+                Some(aws_sdk_sqs::Client::new(&c))
+            }
+            None => None,
+        };
         let s3 = match &source.spec.s3 {
             Some(s) => {
                 let c = sdk_config(&s.region, s.endpoint.as_deref(), creds.s3).await;
@@ -106,6 +116,7 @@ impl SourceClients {
                 aws_sdk_dynamodb::config::Builder::from(&config).retry_config(RetryConfig::disabled()).build(),
             ),
             s3,
+            sqs,
             s3_if_match: Arc::default(),
         });
         // Another caller may have built clients for the same spec and credentials meanwhile:

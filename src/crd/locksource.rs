@@ -124,6 +124,50 @@ pub struct S3LockFiles {
     /// operator's default credential chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<CredentialsSecretRef>,
+
+    /// Event mode: follow the bucket's S3 Event Notifications through an SQS queue, for changes
+    /// seen in well under a second at a few requests a minute, with a full listing every
+    /// `resyncInterval` as the safety net. Unset: the bucket is listed every `sync.interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<S3Events>,
+}
+
+/// The SQS queue that receives the bucket's `s3:ObjectCreated:*` and `s3:ObjectRemoved:*` Event
+/// Notifications (filtered to the suffix `.tflock`, and the prefix, if you like). The queue is
+/// statelock's alone: it deletes the messages it has handled. An event only says which lock file
+/// to read again; what the mirror shows is what the read returns.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Events {
+    /// The queue's URL, e.g. `https://sqs.eu-west-1.amazonaws.com/123456789012/statelock-tfstate`.
+    /// It is reached with the bucket's credentials; an origin other than AWS's own SQS endpoint
+    /// of the bucket's region must be on the operator's endpoint allow-list.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s/?#]+/[^\s?#]+$"))]
+    pub queue_url: String,
+
+    /// How often the whole prefix is listed anyway (events can be lost: a queue purged, a
+    /// notification configuration edited), e.g. `5m`. At least `sync.interval`.
+    #[serde(default = "default_resync_interval")]
+    pub resync_interval: GoDuration,
+}
+
+fn default_resync_interval() -> GoDuration {
+    GoDuration::from_secs(300)
+}
+
+impl S3Events {
+    /// The queue's origin (`scheme://host[:port]`): the SQS endpoint its calls go to.
+    pub fn endpoint(&self) -> Option<&str> {
+        let rest = self.queue_url.strip_prefix("https://").or_else(|| self.queue_url.strip_prefix("http://"))?;
+        let host_end = rest.find('/')?;
+        Some(&self.queue_url[..self.queue_url.len() - rest.len() + host_end])
+    }
+
+    /// Whether the queue is AWS's own SQS endpoint for `region` (allowed without the allow-list).
+    pub fn is_aws_endpoint(&self, region: &str) -> bool {
+        self.endpoint()
+            .is_some_and(|e| e == format!("https://sqs.{region}.amazonaws.com") || e == format!("https://sqs.{region}.amazonaws.com.cn"))
+    }
 }
 
 /// A Secret holding static AWS credentials.
@@ -343,6 +387,8 @@ pub const MAX_GRACE_PERIOD: std::time::Duration = std::time::Duration::from_secs
 pub const MAX_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
 pub const MAX_SKEW_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(600);
 pub const MAX_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The longest `s3.events.resyncInterval`.
+pub const MAX_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 pub const MIN_STREAM_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 pub const MAX_STREAM_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -358,6 +404,14 @@ impl LockSourceSpec {
         {
             out.push("spec.s3.bucket is empty".into());
         }
+        if let Some(ev) = self.s3.as_ref().and_then(|s| s.events.as_ref()) {
+            if ev.endpoint().is_none() {
+                out.push("s3.events.queueUrl is not an http(s) URL with a path".into());
+            }
+            if ev.resync_interval.problem().is_none() && ev.resync_interval.get() < self.sync.interval.get() {
+                out.push(format!("s3.events.resyncInterval is {}, less than sync.interval ({})", ev.resync_interval, self.sync.interval));
+            }
+        }
         let bounded = |what: &str, d: &GoDuration, max: std::time::Duration, out: &mut Vec<String>| {
             if let Some(p) = d.problem() {
                 out.push(format!("{what}: {p}"));
@@ -369,6 +423,9 @@ impl LockSourceSpec {
         bounded("expiry.staleAfter", &self.expiry.stale_after, MAX_STALE_AFTER, &mut out);
         bounded("expiry.skewTolerance", &self.expiry.skew_tolerance, MAX_SKEW_TOLERANCE, &mut out);
         bounded("sync.interval", &self.sync.interval, MAX_SYNC_INTERVAL, &mut out);
+        if let Some(ev) = self.s3.as_ref().and_then(|s| s.events.as_ref()) {
+            bounded("s3.events.resyncInterval", &ev.resync_interval, MAX_RESYNC_INTERVAL, &mut out);
+        }
         if self.sync.interval.get() < std::time::Duration::from_secs(1) {
             out.push(format!("sync.interval is {}, less than 1s", self.sync.interval));
         }

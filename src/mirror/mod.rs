@@ -1,6 +1,8 @@
 //! The mirror: keeps each LockSource's StateLocks in step with its lock stores.
 //!
-//! Lock files (`spec.s3`) are listed every interval and read only when their ETag is new; with a
+//! Lock files (`spec.s3`) are listed every interval and read only when their ETag is new (in event
+//! mode, [`events`], they are read when an S3 event names them, and listed every `resyncInterval`
+//! as the safety net); with a
 //! DynamoDB table too, a lock's file and item become one StateLock
 //! ([`crate::lock_store::merge_parts`]).
 //!
@@ -13,6 +15,7 @@
 //! when the table could not be read: an outage is reported on the LockSource, never mistaken for
 //! "every lock was released".
 
+mod events;
 pub mod plan;
 
 use std::{
@@ -476,6 +479,12 @@ struct SourceState {
     /// A listing of the lock files has succeeded since this task started: until then, nothing is
     /// written (an empty `files` would read as "every lock file was released").
     files_listed: bool,
+    /// When the last full listing of the lock files succeeded.
+    last_listing: Option<Instant>,
+    /// Event mode: why the queue cannot be read now (listing every pass meanwhile).
+    queue_trouble: Option<String>,
+    /// Event mode: what the bucket's notification configuration lacks (listing every pass).
+    events_unconfigured: Option<String>,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
     /// When the table's current stream ARN was last compared with the one followed.
@@ -559,7 +568,8 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
     let idle_poll = source.spec.sync.stream_poll_interval.get().max(crate::crd::MIN_STREAM_POLL_INTERVAL);
     let mut nudges = ctx.cluster.nudges.subscribe(&source.namespace().unwrap_or_default(), &source.name_any());
     let mut state = SourceState::default();
-    info!(interval = ?interval, poll = ?idle_poll, mode = ?source.spec.sync.mode, "syncing LockSource");
+    let mut queue = events::start(&ctx, &source, &cancel);
+    info!(interval = ?interval, poll = ?idle_poll, mode = ?source.spec.sync.mode, events = queue.is_some(), "syncing LockSource");
     loop {
         // Reopening a stream after trouble waits for the spacing since the last full Scan.
         if state.stream_closed.is_some()
@@ -583,7 +593,10 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
         report(&ctx, &source, &mut state, &result).await;
         if state.stream.is_some() && state.scanned && !state.catching_up {
             // A failed write is retried while following; the stream is never left unread.
-            if follow(&ctx, &source, &mut state, Pace { interval, idle_poll }, &mut nudges, &cancel, result.is_err()).await.is_break() {
+            if follow(&ctx, &source, &mut state, Pace { interval, idle_poll }, (&mut nudges, &mut queue), &cancel, result.is_err())
+                .await
+                .is_break()
+            {
                 return;
             }
         } else {
@@ -592,11 +605,30 @@ async fn sync_source(ctx: Arc<Context>, source: LockSource, cancel: Cancellation
                 Err(e) if e.category().is_transient() => interval.min(e.category().retry_after()),
                 _ => interval,
             };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {},
-                () = cancel.cancelled() => return,
+            // Lock-file events are taken in as they come while waiting.
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    news = events::next(&mut queue) => take_events(&ctx, &source, &mut state, news).await,
+                    () = cancel.cancelled() => return,
+                }
             }
         }
+    }
+}
+
+/// Take in a batch of lock-file events; a failure is reported like a pass's.
+async fn take_events(ctx: &Context, source: &LockSource, state: &mut SourceState, news: events::QueueNews) {
+    let trouble_before = state.queue_trouble.is_some();
+    if let Err(e) = events::handle(ctx, source, state, news).await {
+        let result = Err(e);
+        observe_pass(ctx, source, state, Instant::now(), &result);
+        report(ctx, source, state, &result).await;
+    } else if trouble_before != state.queue_trouble.is_some() && state.files_listed {
+        // The fallback started or ended: say so now rather than at the next pass.
+        let locks = i32::try_from(state.records().len()).unwrap_or(i32::MAX);
+        report(ctx, source, state, &Ok(PassSummary { items: state.items, locks, pages: state.pages })).await;
     }
 }
 
@@ -637,7 +669,20 @@ async fn report(ctx: &Context, source: &LockSource, state: &mut SourceState, res
                     format!("{what}; scanning every {} because the table's stream cannot be read: {why}", source.spec.sync.interval),
                     Some(pass.locks),
                 ),
-                _ => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
+                _ => match state.queue_trouble.as_ref().or(state.events_unconfigured.as_ref()) {
+                    Some(why) if source.spec.s3.as_ref().is_some_and(|s| s.events.is_some()) => ready_status(
+                        source,
+                        state.mode,
+                        true,
+                        "ListingFallback",
+                        format!(
+                            "{what}; listing the lock files every {} because their events cannot be relied on: {why}",
+                            source.spec.sync.interval
+                        ),
+                        Some(pass.locks),
+                    ),
+                    _ => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
+                },
             }
         }
         Err(e) => {
@@ -666,7 +711,7 @@ async fn follow(
     source: &LockSource,
     state: &mut SourceState,
     pace: Pace,
-    nudges: &mut watch::Receiver<u64>,
+    (nudges, queue): (&mut watch::Receiver<u64>, &mut Option<tokio::sync::mpsc::Receiver<events::QueueNews>>),
     cancel: &CancellationToken,
     mut dirty: bool,
 ) -> std::ops::ControlFlow<()> {
@@ -693,6 +738,10 @@ async fn follow(
                 }
                 // Nudged polls stay within DynamoDB's rate for a shard (about five a second).
                 tokio::time::sleep(NUDGE_SPACING.saturating_sub(last_poll.elapsed())).await;
+            }
+            news = events::next(queue) => {
+                take_events(ctx, source, state, news).await;
+                continue;
             }
             () = cancel.cancelled() => return Break(()),
         }
@@ -852,15 +901,23 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
     // Lock files: listed every pass (there is no stream of them yet), read when their ETag is new.
     // A failed listing keeps the last one; with a table too, the table's pass goes on and the
     // failure is reported at its end.
+    // In event mode the listing is the safety net, run every `resyncInterval` (and every pass
+    // while events cannot be relied on).
     let mut files_error = None;
     if let Some(files) = &source.spec.s3
-        && let Err(e) = refresh_files(ctx, source, state, files, &clients).await
+        && events::listing_due(source, state)
     {
-        // Without a first listing there is no picture of the lock files to write from.
-        if source.spec.dynamodb.is_none() || !state.files_listed {
-            return Err(e);
+        match refresh_files(ctx, source, state, files, &clients).await {
+            Ok(()) => {
+                state.last_listing = Some(Instant::now());
+                if files.events.is_some() {
+                    events::check_configuration(ctx, source, state).await;
+                }
+            }
+            // Without a first listing there is no picture of the lock files to write from.
+            Err(e) if source.spec.dynamodb.is_none() || !state.files_listed => return Err(e),
+            Err(e) => files_error = Some(e),
         }
-        files_error = Some(e);
     }
     let Some(dynamodb) = &source.spec.dynamodb else {
         // Lock files only: what the listing said is the truth of this pass.
@@ -991,11 +1048,7 @@ async fn refresh_files(
     clients: &SourceSdk,
 ) -> Result<(), SyncError> {
     let Some(client) = &clients.s3 else { return Ok(()) };
-    let count = |request: &str, n: u64| {
-        let labels =
-            S3RequestLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any(), request: request.into() };
-        ctx.metrics.locks.s3_requests.get_or_create(&labels).inc_by(n);
-    };
+    let count = |request: &str, n: u64| count_s3(ctx, source, request, n);
     let listing = s3::list_lock_files(client, &files.bucket, &files.prefix).await;
     let listing = match listing {
         Ok(l) => l,
@@ -1051,6 +1104,12 @@ async fn refresh_files(
     state.files = next;
     state.files_listed = true;
     Ok(())
+}
+
+/// Count S3 requests as S3 bills them (`LIST`, `GET`, `DELETE`).
+fn count_s3(ctx: &Context, source: &LockSource, request: &str, n: u64) {
+    let labels = S3RequestLabels { namespace: source.namespace().unwrap_or_default(), source: source.name_any(), request: request.into() };
+    ctx.metrics.locks.s3_requests.get_or_create(&labels).inc_by(n);
 }
 
 fn apply_item(table: &mut BTreeMap<String, LockRecord>, item: &HashMap<String, aws_sdk_dynamodb::types::AttributeValue>) {

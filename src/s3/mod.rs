@@ -15,6 +15,8 @@ use aws_sdk_s3::{
 
 use crate::{errors::ErrorCategory, lock_record::LockRecord, lock_store::ReleaseOutcome};
 
+pub mod events;
+
 /// The suffix Terraform appends to a state key for its lock file.
 pub const LOCK_SUFFIX: &str = ".tflock";
 /// The largest lock file read; Terraform's are a few hundred bytes. A bigger object is reported
@@ -30,12 +32,20 @@ pub enum S3Error {
     Get { bucket: String, key: String, message: String, category: ErrorCategory },
     #[error("failed to delete lock file s3://{bucket}/{key}: {message}")]
     Delete { bucket: String, key: String, message: String, category: ErrorCategory },
+    #[error("failed to use the lock files' event queue {queue}: {message}")]
+    Queue { queue: String, message: String, category: ErrorCategory },
+    #[error("failed to read the event notification configuration of S3 bucket {bucket}: {message}")]
+    Notifications { bucket: String, message: String, category: ErrorCategory },
 }
 
 impl S3Error {
     pub fn category(&self) -> ErrorCategory {
         match self {
-            Self::List { category, .. } | Self::Get { category, .. } | Self::Delete { category, .. } => *category,
+            Self::List { category, .. }
+            | Self::Get { category, .. }
+            | Self::Delete { category, .. }
+            | Self::Queue { category, .. }
+            | Self::Notifications { category, .. } => *category,
         }
     }
 }

@@ -289,6 +289,21 @@ pub async fn s3_client(url: &str) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
 }
 
+/// An SQS client for the server (moto serves SQS on the same port).
+pub async fn sqs_client(url: &str) -> aws_sdk_sqs::Client {
+    let config = statelock::dynamo::sdk_config(
+        "us-east-1",
+        Some(url),
+        Some(statelock::dynamo::StaticCredentials {
+            access_key_id: "AKIAFAKE".into(),
+            secret_access_key: "fake".into(),
+            session_token: None,
+        }),
+    )
+    .await;
+    aws_sdk_sqs::Client::new(&config)
+}
+
 pub fn terraform_info(id: &str, who: &str, path: &str, created: &str) -> String {
     serde_json::json!({"ID": id, "Operation": "OperationTypeApply", "Info": "", "Who": who, "Version": "1.11.4", "Created": created, "Path": path}).to_string()
 }
