@@ -1,14 +1,18 @@
 //! S3 lock-file benchmarks, printed as figures (nothing here asserts a speed):
 //!
-//! 1. Lag in listing mode (`sync.interval` 1 s): from a lock file's PutObject returning to its
-//!    StateLock being visible through the API (a kube watcher), p50 and p99 over 200 locks.
-//! 2. Cost: S3 requests per hour, and their price as S3 bills them, for a bucket of 10,000 states
-//!    and 50 held locks at 1 s freshness with one lock change a second, against a naive
-//!    "list the bucket and read every lock file every second" run against the same bucket in the
-//!    same process.
+//! 1. Lag in listing mode (`sync.interval` 1 s) and in event mode (S3 Event Notifications to
+//!    SQS, `resyncInterval` 5m): from a lock file's PutObject returning to its StateLock being
+//!    visible through the API (a kube watcher), p50 and p99 over 200 locks.
+//! 2. Cost: S3 and SQS requests per hour, and their price as AWS bills them, for a bucket of
+//!    10,000 states and 50 held locks at 1 s freshness, first with nothing changing, then with one
+//!    lock change a second (a lock file taken and another released), against a naive "list the bucket and read every lock file
+//!    every second" run against the same bucket in the same process. Event mode's full listings
+//!    (one per `resyncInterval`) are counted at their rate per hour, whether or not one fell in the
+//!    window, and so are the messages S3 sends to the queue (SQS bills the queue's owner).
 //!
-//! Prices: S3 Standard list prices, us-east-1, November 2026: LIST (and PUT) $0.005 per 1,000
-//! requests, GET $0.0004 per 1,000, DELETE free.
+//! Prices: list prices, us-east-1, November 2026: S3 Standard LIST (and PUT) $0.005 per 1,000
+//! requests, GET $0.0004 per 1,000, DELETE free; SQS standard queue $0.40 per million requests
+//! (free tier ignored).
 //!
 //! Needs moto in the repository's .venv (bash .ci/install). Run:
 //! `cargo bench --bench lock_files` (BENCH_SECONDS sets the cost window, default 30;
@@ -16,36 +20,24 @@
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{moto, percentile, rig};
+use common::{Seen, moto, percentile, rig};
 use futures::{StreamExt, stream};
-use kube::{
-    Api,
-    runtime::{WatchStreamExt, watcher},
+use statelock::{
+    metrics::{S3RequestLabels, SqsRequestLabels},
+    s3,
 };
-use statelock::{crd::StateLock, metrics::S3RequestLabels, s3};
 
 const LIST_PER_1000: f64 = 0.005;
 const GET_PER_1000: f64 = 0.0004;
+const SQS_PER_MILLION: f64 = 0.40;
+/// Event mode's safety-net listing, as configured below.
+const RESYNC: Duration = Duration::from_secs(300);
 const BUCKET: &str = "tfstate";
 
 async fn s3_client(url: &str) -> aws_sdk_s3::Client {
-    let config = statelock::dynamo::sdk_config(
-        "us-east-1",
-        Some(url),
-        Some(statelock::dynamo::StaticCredentials {
-            access_key_id: "AKIAFAKE".into(),
-            secret_access_key: "fake".into(),
-            session_token: None,
-        }),
-    )
-    .await;
-    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
+    s3::client("us-east-1", Some(url), Some(common::fake_credentials())).await
 }
 
 fn info(id: &str, lock_id: &str) -> String {
@@ -61,46 +53,6 @@ async fn take(client: &aws_sdk_s3::Client, state: &str) -> String {
     let lock_id = format!("{BUCKET}/{state}");
     put(client, &format!("{state}.tflock"), info(&format!("id-{state}"), &lock_id)).await;
     lock_id
-}
-
-/// Watches the StateLocks of `default` and records when each LockID first became visible.
-struct Seen {
-    at: Arc<Mutex<HashMap<String, Instant>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Seen {
-    fn start(emulator_url: &str) -> Self {
-        let mut config = kube::Config::new(emulator_url.parse().expect("url"));
-        config.default_namespace = "default".into();
-        let api: Api<StateLock> = Api::namespaced(kube::Client::try_from(config).expect("client"), "default");
-        let at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let w = at.clone();
-        let task = tokio::spawn(async move {
-            let mut s = watcher(api, watcher::Config::default()).default_backoff().applied_objects().boxed();
-            while let Some(Ok(o)) = s.next().await {
-                w.lock().expect("seen").entry(o.spec.lock_id.clone()).or_insert_with(Instant::now);
-            }
-        });
-        Self { at, task }
-    }
-
-    async fn wait(&self, id: &str) -> Instant {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(t) = self.at.lock().expect("seen").get(id) {
-                return *t;
-            }
-            assert!(Instant::now() < deadline, "{id} never became visible");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-impl Drop for Seen {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -150,18 +102,120 @@ async fn main() {
 
     // statelock, listing every second.
     let url = m.url.clone();
-    let spec = serde_json::json!({
+    let listing_spec = serde_json::json!({
         "dynamodb": null,
         "s3": {"bucket": BUCKET, "region": "us-east-1", "endpoint": url, "credentialsSecretRef": {"name": "aws"}},
         "sync": {"interval": "1s"}
     });
-    let r = rig(&m.url, "unused", spec).await;
+    let listing = run_mode(&m.url, &client, listing_spec, "listing", seconds).await;
+
+    // statelock in event mode: the bucket sends its lock files' events to a queue.
+    let sqs = aws_sdk_sqs::Client::new(&statelock::dynamo::sdk_config("us-east-1", Some(&m.url), Some(common::fake_credentials())).await);
+    let queue_url = sqs.create_queue().queue_name("statelock-bench").send().await.expect("queue").queue_url.expect("url");
+    configure_notifications(&client, "arn:aws:sqs:us-east-1:123456789012:statelock-bench").await;
+    let events_spec = serde_json::json!({
+        "dynamodb": null,
+        "s3": {"bucket": BUCKET, "region": "us-east-1", "endpoint": url, "credentialsSecretRef": {"name": "aws"},
+               "events": {"queueUrl": queue_url, "resyncInterval": format!("{}s", RESYNC.as_secs())}},
+        "sync": {"interval": "1s"}
+    });
+    let events = run_mode(&m.url, &client, events_spec, "events", seconds).await;
+
+    for (name, r) in [("listing mode (1 s)", &listing), ("event mode (SQS, resync 5m)", &events)] {
+        println!(
+            "lag in {name}, PutObject returned -> StateLock visible through the API, 200 locks 40 ms apart: p50 {:.1} ms, p99 {:.1} ms",
+            ms(percentile(&r.lag, 0.5)),
+            ms(percentile(&r.lag, 0.99))
+        );
+    }
+    let cost = |lists: f64, gets: f64, sqs: f64| dollars_per_hour(lists, gets) + sqs * SQS_PER_MILLION / 1e6;
+    println!("cost per hour, {states} states + 50 held locks, AWS list prices ({seconds} s windows):");
+    println!("  {:<62} {:>9} {:>9} {:>9} {:>10} {:>8}", "", "LIST/h", "GET/h", "SQS/h", "$/h", "% naive");
+    println!(
+        "  {:<62} {:>9.0} {:>9.0} {:>9.0} {:>10.4} {:>7.1}%",
+        "naive: list + read every lock file every 1 s", naive_lists, naive_gets, 0.0, naive, 100.0
+    );
+    for (name, r) in [("statelock listing mode, 1 s", &listing), ("statelock event mode, resync 5m", &events)] {
+        let (l, g, q) = r.quiet;
+        let c = cost(l, g, q);
+        println!(
+            "  {:<62} {:>9.0} {:>9.0} {:>9.0} {:>10.4} {:>7.1}%",
+            format!("{name}, locks held, no change"),
+            l,
+            g,
+            q,
+            c,
+            100.0 * c / naive
+        );
+        let c = cost(r.lists, r.gets, r.sqs);
+        let label = format!("{name}, one lock change a second");
+        println!("  {:<62} {:>9.0} {:>9.0} {:>9.0} {:>10.4} {:>7.1}%", label, r.lists, r.gets, r.sqs, c, 100.0 * c / naive);
+    }
+    println!(
+        "  (event mode: {} LIST requests per full listing, counted {} times an hour; {} LIST requests made during its window)",
+        events.per_listing,
+        3600 / RESYNC.as_secs(),
+        events.window_lists
+    );
+}
+
+/// What one mode measured: lag samples, and requests per hour.
+struct Measured {
+    lag: Vec<Duration>,
+    lists: f64,
+    gets: f64,
+    /// SQS requests per hour: statelock's ReceiveMessage and DeleteMessageBatch, and the
+    /// messages S3 sends (one per lock-file event).
+    sqs: f64,
+    /// LIST requests made during the churn window, and per full listing.
+    window_lists: u64,
+    per_listing: u64,
+    /// LIST, GET and SQS requests per hour with the locks held and nothing changing.
+    quiet: (f64, f64, f64),
+}
+
+async fn configure_notifications(client: &aws_sdk_s3::Client, queue_arn: &str) {
+    use aws_sdk_s3::types::{
+        Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter, QueueConfiguration, S3KeyFilter,
+    };
+    let filter = NotificationConfigurationFilter::builder()
+        .key(S3KeyFilter::builder().filter_rules(FilterRule::builder().name(FilterRuleName::Suffix).value(".tflock").build()).build())
+        .build();
+    let rule = QueueConfiguration::builder()
+        .queue_arn(queue_arn)
+        .events(Event::from("s3:ObjectCreated:*"))
+        .events(Event::from("s3:ObjectRemoved:*"))
+        .filter(filter)
+        .build()
+        .expect("queue configuration");
+    client
+        .put_bucket_notification_configuration()
+        .bucket(BUCKET)
+        .notification_configuration(NotificationConfiguration::builder().queue_configurations(rule).build())
+        .send()
+        .await
+        .expect("notification configuration");
+}
+
+/// One operator with `spec`: the lag of 200 new locks, then the requests of `seconds` of churn.
+async fn run_mode(moto_url: &str, client: &aws_sdk_s3::Client, spec: serde_json::Value, tag: &str, seconds: u64) -> Measured {
+    let r = rig(moto_url, "unused", spec).await;
     let seen = Seen::start(&r.emulator.url());
     seen.wait(&format!("{BUCKET}/state0/terraform.tfstate")).await;
+    let s3_count = |request: &str| {
+        let labels = S3RequestLabels { namespace: "default".into(), source: "bench".into(), request: request.into() };
+        r.mirror.metrics.locks.s3_requests.get_or_create(&labels).get()
+    };
+    let sqs_count = |request: &str| {
+        let labels = SqsRequestLabels { namespace: "default".into(), source: "bench".into(), request: request.into() };
+        r.mirror.metrics.locks.sqs_requests.get_or_create(&labels).get()
+    };
+    // One full listing's requests (the first pass made exactly one).
+    let per_listing = s3_count("LIST");
     // Lag: 200 locks taken 40 ms apart.
     let mut written = Vec::new();
     for i in 0..200 {
-        let id = take(&client, &format!("lag{i}/terraform.tfstate")).await;
+        let id = take(client, &format!("{tag}-lag{i}/terraform.tfstate")).await;
         written.push((id, Instant::now()));
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
@@ -170,38 +224,61 @@ async fn main() {
         lag.push(seen.wait(id).await.saturating_duration_since(*t));
     }
     lag.sort();
-    // Cost: one lock change a second (a lock file taken, the previous one released).
-    let count = |request: &str| {
-        let labels = S3RequestLabels { namespace: "default".into(), source: "bench".into(), request: request.into() };
-        r.mirror.metrics.locks.s3_requests.get_or_create(&labels).get()
+    // Cost with the 50 locks held and nothing changing.
+    let event_mode = tag == "events";
+    let (lists0, gets0) = (s3_count("LIST"), s3_count("GET"));
+    let sqs0 = sqs_count("ReceiveMessage") + sqs_count("DeleteMessageBatch");
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let quiet_window = started.elapsed().as_secs_f64();
+    let quiet_per_hour = |n: u64| n as f64 * 3600.0 / quiet_window;
+    let quiet = if event_mode {
+        let listings = 3600.0 / RESYNC.as_secs_f64();
+        (
+            listings * per_listing as f64,
+            quiet_per_hour(s3_count("GET") - gets0) + listings,
+            quiet_per_hour(sqs_count("ReceiveMessage") + sqs_count("DeleteMessageBatch") - sqs0),
+        )
+    } else {
+        (quiet_per_hour(s3_count("LIST") - lists0), quiet_per_hour(s3_count("GET") - gets0), 0.0)
     };
-    let (lists0, gets0) = (count("LIST"), count("GET"));
+    // Cost: one lock change a second (a lock file taken, the previous one released).
+    let (lists0, gets0) = (s3_count("LIST"), s3_count("GET"));
+    let sqs0 = sqs_count("ReceiveMessage") + sqs_count("DeleteMessageBatch");
     let started = Instant::now();
     let mut t = 0;
+    let mut changes = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
-        take(&client, &format!("churn{t}/terraform.tfstate")).await;
+        take(client, &format!("{tag}-churn{t}/terraform.tfstate")).await;
+        changes += 1;
         if t > 0 {
-            client.delete_object().bucket(BUCKET).key(format!("churn{}/terraform.tfstate.tflock", t - 1)).send().await.expect("delete");
+            client
+                .delete_object()
+                .bucket(BUCKET)
+                .key(format!("{tag}-churn{}/terraform.tfstate.tflock", t - 1))
+                .send()
+                .await
+                .expect("delete");
+            changes += 1;
         }
         t += 1;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let window = started.elapsed().as_secs_f64();
-    let lists = (count("LIST") - lists0) as f64 * 3600.0 / window;
-    let gets = (count("GET") - gets0) as f64 * 3600.0 / window;
-    let ours = dollars_per_hour(lists, gets);
+    let window_lists = s3_count("LIST") - lists0;
+    let per_hour = |n: u64| n as f64 * 3600.0 / window;
+    let (lists, gets, sqs) = if event_mode {
+        // Listings at their configured rate (each with its notification check, one GET), the
+        // rest as measured.
+        let listings = 3600.0 / RESYNC.as_secs_f64();
+        (
+            listings * per_listing as f64,
+            per_hour(s3_count("GET") - gets0) + listings,
+            per_hour(sqs_count("ReceiveMessage") + sqs_count("DeleteMessageBatch") - sqs0 + changes),
+        )
+    } else {
+        (per_hour(s3_count("LIST") - lists0), per_hour(s3_count("GET") - gets0), 0.0)
+    };
     r.cancel.cancel();
-
-    println!(
-        "lag in listing mode (1 s), PutObject returned -> StateLock visible through the API, 200 locks 40 ms apart: p50 {:.1} ms, p99 {:.1} ms",
-        ms(percentile(&lag, 0.5)),
-        ms(percentile(&lag, 0.99))
-    );
-    println!("cost per hour, {states} states + 50 held locks, one lock change a second ({seconds} s window), S3 list prices:");
-    println!("  {:<44} {:>10} {:>10} {:>10} {:>8}", "", "LIST/h", "GET/h", "$/h", "% naive");
-    println!(
-        "  {:<44} {:>10.0} {:>10.0} {:>10.4} {:>7.1}%",
-        "naive: list + read every lock file every 1 s", naive_lists, naive_gets, naive, 100.0
-    );
-    println!("  {:<44} {:>10.0} {:>10.0} {:>10.4} {:>7.1}%", "statelock listing mode, 1 s", lists, gets, ours, 100.0 * ours / naive);
+    Measured { lag, lists, gets, sqs, window_lists, per_listing, quiet }
 }

@@ -25,19 +25,13 @@ mod common;
 mod streams_double;
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use common::{create_table, db, moto, percentile, put_lock, rig};
-use futures::StreamExt;
-use kube::{
-    Api,
-    runtime::{WatchStreamExt, watcher},
-};
-use statelock::{crd::StateLock, dynamo};
+use common::{Seen, create_table, db, moto, percentile, put_lock, rig};
+use statelock::dynamo;
 
 /// On-demand read request units, $ per million.
 const ON_DEMAND_READ_PER_MILLION: f64 = 0.125;
@@ -45,46 +39,6 @@ const ON_DEMAND_READ_PER_MILLION: f64 = 0.125;
 const PROVISIONED_RCU_HOUR: f64 = 0.00013;
 /// DynamoDB Streams read request units, $ per 100,000.
 const STREAM_READS_PER_100K: f64 = 0.02;
-
-/// Watches the StateLocks of `default` and records when each LockID first became visible.
-struct Seen {
-    at: Arc<Mutex<HashMap<String, Instant>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Seen {
-    fn start(emulator_url: &str) -> Self {
-        let mut config = kube::Config::new(emulator_url.parse().expect("url"));
-        config.default_namespace = "default".into();
-        let api: Api<StateLock> = Api::namespaced(kube::Client::try_from(config).expect("client"), "default");
-        let at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let w = at.clone();
-        let task = tokio::spawn(async move {
-            let mut s = watcher(api, watcher::Config::default()).default_backoff().applied_objects().boxed();
-            while let Some(Ok(o)) = s.next().await {
-                w.lock().expect("seen").entry(o.spec.lock_id.clone()).or_insert_with(Instant::now);
-            }
-        });
-        Self { at, task }
-    }
-
-    async fn wait(&self, id: &str) -> Instant {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(t) = self.at.lock().expect("seen").get(id) {
-                return *t;
-            }
-            assert!(Instant::now() < deadline, "{id} never became visible");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-impl Drop for Seen {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 fn lock_id(prefix: &str, i: usize) -> String {
     format!("tfstate/{prefix}{i}/terraform.tfstate")

@@ -92,9 +92,9 @@ pub enum PluginError {
     #[error("StateLock {namespace}/{name} not found (kubectl statelock list -n {namespace} shows the locks)")]
     NotFound { namespace: String, name: String },
     #[error(
-        "no answer from statelock within {0:?}: the request stays on the StateLock; `kubectl statelock why` shows what holds the lock back (is the operator running? kubectl get lease -A shows its leader)"
+        "no answer from statelock within {0:?}, {1}; `kubectl statelock why` shows what holds the lock back (is the operator running? kubectl get lease -A shows its leader)"
     )]
-    NoAnswer(Duration),
+    NoAnswer(Duration, &'static str),
     #[error("statelock did not release the lock: {0}")]
     NotReleased(String),
 }
@@ -308,7 +308,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         };
         if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
             return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
-                Ok(format!("{}\n", text(e)))
+                confirm_released(&api, name, &uid, id, deadline, text(e)).await
             } else {
                 Err(PluginError::NotReleased(text(e)))
             };
@@ -322,14 +322,16 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         let now = api.get_opt(name).await?.filter(|l| l.uid().unwrap_or_default() == uid);
         let Some(now) = now else {
             // The lock went away (its holder unlocked it, or the release finished) and the request with it.
-            return Ok(format!("The lock was released meanwhile (StateLock {ns}/{name} is gone).\n"));
+            return Ok(format!(
+                "StateLock {ns}/{name} is gone: the lock was released (by its holder, or by statelock before it answered), or the StateLock was deleted.\n"
+            ));
         };
         if now.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION) != Some(&token) {
             // Handled (answers are published before the request is removed) or replaced.
             let seen = answers().await?;
             if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
                 return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
-                    Ok(format!("{}\n", text(e)))
+                    confirm_released(&api, name, &uid, id, deadline, text(e)).await
                 } else {
                     Err(PluginError::NotReleased(text(e)))
                 };
@@ -343,7 +345,49 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
             ));
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(PluginError::NoAnswer(timeout));
+            // The request is withdrawn, unless it was taken up or replaced meanwhile: it must not
+            // be carried out later, when nobody is waiting for its answer.
+            let pointer = |k: &str| format!("/metadata/annotations/{}", k.replace('~', "~0").replace('/', "~1"));
+            let mut ops = vec![json!({"op": "test", "path": pointer(FORCE_UNLOCK_REQUEST_ANNOTATION), "value": token})];
+            for k in [FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION] {
+                ops.push(json!({"op": "remove", "path": pointer(k)}));
+            }
+            if live {
+                ops.push(json!({"op": "remove", "path": pointer(FORCE_UNLOCK_LIVE_ANNOTATION)}));
+            }
+            let withdrawn = match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops)) {
+                Ok(p) => api.patch(name, &PatchParams::default(), &Patch::<()>::Json(p)).await.is_ok(),
+                Err(_) => false,
+            };
+            let what =
+                if withdrawn { "the request was withdrawn" } else { "the request could not be withdrawn and may still be carried out" };
+            return Err(PluginError::NoAnswer(timeout, what));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A `ForceUnlocked` answer is believed once the StateLock says so too: it is gone, or it shows
+/// another lock (anyone who may create Events could write the answer; only the operator's mirror
+/// removes the StateLock of a released lock).
+async fn confirm_released(
+    api: &Api<StateLock>,
+    name: &str,
+    uid: &str,
+    id: &str,
+    deadline: tokio::time::Instant,
+    answer: String,
+) -> Result<String, PluginError> {
+    let deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(30));
+    loop {
+        let now = api.get_opt(name).await?;
+        if now.is_none_or(|l| l.uid().unwrap_or_default() != uid || l.spec.lock_info.id.as_deref() != Some(id)) {
+            return Ok(format!("{answer}\n"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(PluginError::NotReleased(format!(
+                "{answer}; but the StateLock still shows lock {id}: the answer is not confirmed (run: kubectl statelock why {name})"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

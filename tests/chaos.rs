@@ -2,7 +2,10 @@
 //!
 //! Real operator processes (two, with leader election, as the chart runs them) against the
 //! Kubernetes API emulator and moto, with simulated Terraform runners in emulated pods, under a
-//! schedule of faults drawn from a seed. The table's stream is served by the streams test double in
+//! schedule of faults drawn from a seed. A third of the schedules lock with S3 lock files
+//! (`use_lockfile`: PutObject with If-None-Match, Terraform's GetObject-compare-DeleteObject unlock)
+//! in moto's S3, mirrored by a second LockSource listing the bucket every second; the operator's
+//! S3 calls go through a recording proxy with the same faults. The table's stream is served by the streams test double in
 //! front of moto (the mirror runs in Streams mode; shards split, iterators expire, GetRecords is
 //! throttled, the stream is replaced). The operator reaches DynamoDB through a recording proxy
 //! that can also throttle and fail calls; the runners talk to moto directly or through an
@@ -41,11 +44,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use statelock::crd::{StateLock, state_lock_name};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const SOURCE_NS: &str = "terraform";
 const RUNNERS: &str = "runners";
 const TABLE: &str = "tf-locks";
+const BUCKET: &str = "tfstate";
 const GRACE: Duration = Duration::from_secs(1);
 /// The liveness bound the harness states: after the faults heal and a dead runner's pod is gone,
 /// its lock is released within the grace period plus this.
@@ -178,6 +182,24 @@ struct Schedule {
     /// Per runner: it talks to DynamoDB through an operator's gateway (which one), or directly.
     via_gateway: Vec<Option<usize>>,
     steps: Vec<(u64, Fault)>,
+    /// The runners lock with an S3 lock file instead of a DynamoDB item (never through a gateway).
+    lock_files: bool,
+}
+
+impl Schedule {
+    /// The LockID of this schedule's lock (a lock file's as DynamoDB would spell it).
+    fn lock_id(&self) -> String {
+        if self.lock_files {
+            format!("{BUCKET}/chaos-{}-f/terraform.tfstate", self.seed)
+        } else {
+            format!("tfstate/chaos-{}/terraform.tfstate", self.seed)
+        }
+    }
+
+    /// The LockSource that mirrors this schedule's lock.
+    fn source(&self) -> &'static str {
+        if self.lock_files { "chaos-files" } else { "chaos" }
+    }
 }
 
 fn schedule(seed: u64) -> Schedule {
@@ -221,7 +243,10 @@ fn schedule(seed: u64) -> Schedule {
         };
         steps.push((50 + rng.below(700), f));
     }
-    Schedule { seed, runners, hold_ms, long_name, via_gateway, steps }
+    // Drawn last, so that the other draws of a seed are what they were before lock files.
+    let lock_files = rng.chance(33);
+    let via_gateway = if lock_files { vec![None; runners] } else { via_gateway };
+    Schedule { seed, runners, hold_ms, long_name, via_gateway, steps, lock_files }
 }
 
 // ---- The recording proxy in front of moto --------------------------------------------------------
@@ -241,33 +266,6 @@ struct ProxyState {
     fail_next: AtomicU32,
 }
 
-async fn read_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = buf[..end + 4].to_vec();
-            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-            let len: usize = text.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-            while buf.len() < end + 4 + len {
-                let mut chunk = [0u8; 8192];
-                let n = conn.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let body = buf[end + 4..end + 4 + len].to_vec();
-            buf.drain(..end + 4 + len);
-            return Some((head, body));
-        }
-        let mut chunk = [0u8; 8192];
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 /// Forward to moto, one connection per request; record the operator's deletes; inject faults
 /// (when `faults`). Every write to moto goes through `writes`, one at a time: moto's conditional
 /// PutItem is not atomic under concurrent requests (the first 1,000-schedule run with histories
@@ -282,18 +280,31 @@ async fn proxy(upstream: u16, faults: bool, writes: Arc<tokio::sync::Mutex<()>>)
             let (st, writes) = (st.clone(), writes.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                while let Some((head, body)) = read_request(&mut conn, &mut buf).await {
+                while let Some((head, body)) = common::read_http_request(&mut conn, &mut buf).await {
                     let text = String::from_utf8_lossy(&head).to_string();
                     let target = text
                         .lines()
                         .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-amz-target:").map(|v| v.trim().to_owned()))
                         .unwrap_or_default();
+                    // S3 calls carry no X-Amz-Target.
+                    let s3 = target.is_empty();
+                    let method = text.split(' ').next().unwrap_or_default().to_owned();
                     let reply = if faults && st.throttle_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
                     {
-                        error_reply(400, "ThrottlingException")
+                        if s3 { s3_error_reply(503, "SlowDown") } else { error_reply(400, "ThrottlingException") }
                     } else if faults && st.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-                        error_reply(500, "InternalServerError")
+                        if s3 { s3_error_reply(500, "InternalError") } else { error_reply(500, "InternalServerError") }
                     } else {
+                        if s3 && method == "DELETE" {
+                            // A lock file's delete: recorded with the ETag it is conditioned on.
+                            let path = text.split(' ').nth(1).unwrap_or_default();
+                            let key =
+                                path.split('?').next().unwrap_or_default().trim_start_matches('/').trim_end_matches(".tflock").to_owned();
+                            let if_match = text.lines().find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("if-match:").map(|v| v.trim().trim_matches('"').to_owned())
+                            });
+                            st.deletions.lock().expect("deletions").push(Deletion { at: Instant::now(), lock_id: key, info: if_match });
+                        }
                         if target.ends_with("deleteitem") {
                             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                             st.deletions.lock().expect("deletions").push(Deletion {
@@ -306,9 +317,10 @@ async fn proxy(upstream: u16, faults: bool, writes: Arc<tokio::sync::Mutex<()>>)
                                     .map(str::to_owned),
                             });
                         }
-                        let write = ["putitem", "deleteitem", "updateitem"].iter().any(|w| target.ends_with(w));
+                        let write = ["putitem", "deleteitem", "updateitem"].iter().any(|w| target.ends_with(w))
+                            || (s3 && (method == "PUT" || method == "DELETE"));
                         let _one_at_a_time = if write { Some(writes.lock().await) } else { None };
-                        match forward(upstream, &text, &body).await {
+                        match common::forward_http(upstream, &text, &body).await {
                             Some(r) => r,
                             None => error_reply(500, "InternalServerError"),
                         }
@@ -323,6 +335,13 @@ async fn proxy(upstream: u16, faults: bool, writes: Arc<tokio::sync::Mutex<()>>)
     (url, state)
 }
 
+fn s3_error_reply(status: u16, code: &str) -> Vec<u8> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the chaos harness</Message></Error>"
+    );
+    format!("HTTP/1.1 {status} X\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
 fn error_reply(status: u16, code: &str) -> Vec<u8> {
     let body = format!("{{\"__type\":\"com.amazonaws.dynamodb.v20120810#{code}\",\"message\":\"injected by the chaos harness\"}}");
     format!(
@@ -330,28 +349,6 @@ fn error_reply(status: u16, code: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
-}
-
-async fn forward(upstream: u16, head: &str, body: &[u8]) -> Option<Vec<u8>> {
-    let mut up = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.ok()?;
-    let mut out = String::new();
-    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-        if line.to_ascii_lowercase().starts_with("connection:") {
-            continue;
-        }
-        out.push_str(line);
-        out.push_str("\r\n");
-    }
-    out.push_str("Connection: close\r\n\r\n");
-    up.write_all(out.as_bytes()).await.ok()?;
-    up.write_all(body).await.ok()?;
-    let mut reply = Vec::new();
-    up.read_to_end(&mut reply).await.ok()?;
-    // The caller keeps its connection: drop moto's `Connection: close` from the answer.
-    let text = String::from_utf8_lossy(&reply);
-    let (h, b) = text.split_once("\r\n\r\n")?;
-    let kept: Vec<&str> = h.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("connection:")).collect();
-    Some(format!("{}\r\n\r\n{b}", kept.join("\r\n")).into_bytes())
 }
 
 // ---- Ground truth ----------------------------------------------------------------------------
@@ -362,7 +359,10 @@ struct Instance {
     schedule: u64,
     runner: usize,
     lock_id: String,
+    /// What identifies the instance: its Info, or for a lock file its ETag.
     info: String,
+    /// A lock file (S3) rather than an item.
+    file: bool,
     granted: Instant,
     /// When its runner's process died (None: alive or unlocked it itself).
     died: Option<Instant>,
@@ -392,6 +392,10 @@ struct Env {
     /// The gateway of each operator process (fixed ports across restarts), as runners see it.
     gateways: Vec<(u16, aws_sdk_dynamodb::Client)>,
     proxy: Arc<ProxyState>,
+    /// The runners' S3 (moto's, through a proxy that takes turns for writes), and what the
+    /// operator's S3 proxy recorded.
+    s3: aws_sdk_s3::Client,
+    s3_proxy: Arc<ProxyState>,
     /// The table's stream (moto's table behind the streams double).
     stream: common::streams_double::StreamsDouble,
     operators: Mutex<Vec<Option<Operator>>>,
@@ -421,7 +425,13 @@ async fn environment() -> Arc<Env> {
     // The runners that talk to DynamoDB directly do so through a proxy without faults or records,
     // which takes its turn for writes with the operator's.
     let (direct_url, _) = proxy(upstream, false, writes.clone()).await;
+    // S3 straight to moto (the streams double serves DynamoDB only): the runners' and the operator's.
+    let moto_port: u16 = moto.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("moto's port");
+    let (s3_direct, _) = proxy(moto_port, false, writes.clone()).await;
+    let (s3_url, s3_proxy) = proxy(moto_port, true, writes.clone()).await;
     let (url, proxy) = proxy(upstream, true, writes).await;
+    let s3 = statelock::s3::client("us-east-1", Some(&s3_direct), Some(common::fake_credentials())).await;
+    s3.create_bucket().bucket(BUCKET).send().await.expect("bucket");
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     for ns in [SOURCE_NS, RUNNERS] {
@@ -440,6 +450,18 @@ async fn environment() -> Arc<Env> {
             }),
         )
         .await;
+    cluster
+        .create_lock_source(
+            SOURCE_NS,
+            "chaos-files",
+            json!({
+                "s3": {"bucket": BUCKET, "region": "us-east-1", "endpoint": s3_url},
+                "sync": {"interval": "1s"},
+                "holders": {"namespaces": [RUNNERS], "hostnamePattern": "runner-[0-9]+-[0-9]+"},
+                "expiry": {"mode": "Release", "gracePeriod": "1s", "skewTolerance": "2s"}
+            }),
+        )
+        .await;
     // The runners' SDK makes one attempt per call. A retried attempt of Terraform's unconditional
     // unlock (after a timeout, the first having gone through) deletes whoever took the lock in
     // between: a hazard of Terraform's own protocol, which no lock service can see. With one
@@ -454,7 +476,7 @@ async fn environment() -> Arc<Env> {
         gateways.push((port, client));
     }
     let operators = Mutex::new((0..2).map(|i| Some(start_operator(&cluster, i, gateways[i].0))).collect());
-    Arc::new(Env { cluster, _moto: moto, db, gateways, proxy, stream, operators, truth: Truth::default() })
+    Arc::new(Env { cluster, _moto: moto, db, gateways, proxy, s3, s3_proxy, stream, operators, truth: Truth::default() })
 }
 
 fn pod_name_of(seed: u64, r: usize, long: bool) -> String {
@@ -536,7 +558,10 @@ struct Runner {
 }
 
 async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) {
-    let lock_id = format!("tfstate/chaos-{}/terraform.tfstate", s.seed);
+    if s.lock_files {
+        return run_file_runner(env, s, r, me).await;
+    }
+    let lock_id = s.lock_id();
     let who = format!("root@{}", hostname_of(&pod_name_of(s.seed, r, s.long_name[r])));
     let id = format!("{:08x}-0000-0000-0000-{:012x}", s.seed, r);
     // Terraform's backoff: 1 s, 2 s, 4 s ... capped at 16 s; scaled down 5x to keep schedules short.
@@ -573,6 +598,7 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
                     runner: r,
                     lock_id: lock_id.clone(),
                     info: info.clone(),
+                    file: false,
                     granted: Instant::now(),
                     died,
                     unlocked: None,
@@ -638,6 +664,100 @@ async fn run_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) 
     me.alive.store(false, Ordering::SeqCst);
 }
 
+/// A Terraform 1.11+ process with `use_lockfile`: PutObject `<key>.tflock` with If-None-Match,
+/// and its unlock (GetObject, compare, an unconditional DeleteObject).
+async fn run_file_runner(env: Arc<Env>, s: Arc<Schedule>, r: usize, me: Arc<Runner>) {
+    let lock_id = s.lock_id();
+    let key = format!("{}.tflock", lock_id.strip_prefix("tfstate/").expect("in the bucket"));
+    let who = format!("root@{}", hostname_of(&pod_name_of(s.seed, r, s.long_name[r])));
+    let id = format!("{:08x}-0000-0000-0000-{:012x}", s.seed, r);
+    let mut backoff = Duration::from_millis(200);
+    let created = {
+        let skew = me.skew_ms.load(Ordering::SeqCst);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        now.checked_add(k8s_openapi::jiff::SignedDuration::from_millis(skew)).unwrap_or(now).to_string()
+    };
+    let info = terraform_info(&id, &who, &lock_id, &created);
+    loop {
+        if !me.alive.load(Ordering::SeqCst) {
+            return;
+        }
+        let put = env.s3.put_object().bucket(BUCKET).key(&key).if_none_match("*").body(info.clone().into_bytes().into()).send().await;
+        if let Ok(out) = put {
+            let etag = out.e_tag.unwrap_or_default().trim_matches('"').to_owned();
+            let died = (!me.alive.load(Ordering::SeqCst)).then(Instant::now);
+            let idx = {
+                let mut all = env.truth.instances.lock().expect("truth");
+                all.push(Instance {
+                    schedule: s.seed,
+                    runner: r,
+                    lock_id: lock_id.clone(),
+                    info: etag,
+                    file: true,
+                    granted: Instant::now(),
+                    died,
+                    unlocked: None,
+                    evidence_at: None,
+                });
+                all.len() - 1
+            };
+            *me.instance.lock().expect("instance") = Some(idx);
+            if !me.alive.load(Ordering::SeqCst) {
+                env.truth.instances.lock().expect("truth")[idx].died.get_or_insert_with(Instant::now);
+                return;
+            }
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(3200));
+    }
+    tokio::time::sleep(Duration::from_millis(s.hold_ms[r])).await;
+    if !me.alive.load(Ordering::SeqCst) {
+        return;
+    }
+    // Terraform's unlock: read the file, compare the ID, delete it unconditionally.
+    let mut got: Option<Option<String>> = None;
+    for _ in 0..20 {
+        match env.s3.get_object().bucket(BUCKET).key(&key).send().await {
+            Ok(o) => {
+                let body = o.body.collect().await.map(|b| String::from_utf8_lossy(&b.into_bytes()).into_owned()).ok();
+                got = Some(body);
+                break;
+            }
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                got = Some(None);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    let Some(current) = got else {
+        kill_runner(&env, &me);
+        return;
+    };
+    if !me.alive.load(Ordering::SeqCst) {
+        return;
+    }
+    if current.as_deref() != Some(info.as_str()) {
+        let overridden = env.truth.overridden.lock().expect("overridden").contains(&(s.seed, r));
+        if !overridden {
+            env.truth.vanished.lock().expect("vanished").push(format!(
+                "seed {}: runner {r} is alive and its lock file {key} is gone or not its own at unlock ({current:?})",
+                s.seed
+            ));
+        }
+        return;
+    }
+    let unlocking = Instant::now();
+    if let Some(i) = *me.instance.lock().expect("instance") {
+        env.truth.instances.lock().expect("truth")[i].unlocked = Some(unlocking);
+    }
+    if env.s3.delete_object().bucket(BUCKET).key(&key).send().await.is_err() {
+        kill_runner(&env, &me);
+    }
+    me.alive.store(false, Ordering::SeqCst);
+}
+
 fn kill_runner(env: &Env, me: &Runner) {
     if me.alive.swap(false, Ordering::SeqCst)
         && let Some(i) = *me.instance.lock().expect("instance")
@@ -661,7 +781,7 @@ fn mark_evidence(env: &Env, me: &Runner) {
 async fn apply_fault(env: &Arc<Env>, s: &Schedule, runners: &[Arc<Runner>], f: &Fault) {
     *env.truth.faults.lock().expect("faults").entry(f.kind()).or_default() += 1;
     let locks: Api<StateLock> = Api::namespaced(env.cluster.client(), SOURCE_NS);
-    let lock_name = state_lock_name(&format!("tfstate/chaos-{}/terraform.tfstate", s.seed));
+    let lock_name = state_lock_name(&s.lock_id());
     match f {
         Fault::RunnerCrash(r) => kill_runner(env, &runners[*r]),
         Fault::PodDeleted(r) => {
@@ -753,11 +873,12 @@ async fn apply_fault(env: &Arc<Env>, s: &Schedule, runners: &[Arc<Runner>], f: &
             tokio::time::sleep(Duration::from_millis(1000)).await;
             env.cluster.emulator.set_latency(Duration::ZERO);
         }
+        // The store of the schedule's lock throttles or fails (S3: SlowDown, InternalError).
         Fault::DynamoThrottled => {
-            env.proxy.throttle_next.fetch_add(3, Ordering::SeqCst);
+            (if s.lock_files { &env.s3_proxy } else { &env.proxy }).throttle_next.fetch_add(3, Ordering::SeqCst);
         }
         Fault::Dynamo5xx => {
-            env.proxy.fail_next.fetch_add(2, Ordering::SeqCst);
+            (if s.lock_files { &env.s3_proxy } else { &env.proxy }).fail_next.fetch_add(2, Ordering::SeqCst);
         }
         Fault::StreamSplit => env.stream.split(),
         Fault::StreamIteratorsExpired => env.stream.expire_iterators(),
@@ -766,7 +887,8 @@ async fn apply_fault(env: &Arc<Env>, s: &Schedule, runners: &[Arc<Runner>], f: &
         Fault::SourceChanged => {
             let grace = if s.seed.is_multiple_of(2) { "0s" } else { "2s" };
             let api: Api<statelock::crd::LockSource> = Api::namespaced(env.cluster.client(), SOURCE_NS);
-            let _ = api.patch("chaos", &PatchParams::default(), &Patch::Merge(json!({"spec": {"expiry": {"gracePeriod": grace}}}))).await;
+            let _ =
+                api.patch(s.source(), &PatchParams::default(), &Patch::Merge(json!({"spec": {"expiry": {"gracePeriod": grace}}}))).await;
         }
     }
 }
@@ -820,12 +942,15 @@ struct Report {
     schedules: u64,
     violations: Vec<String>,
     liveness: Vec<Duration>,
+    /// How many of the releases measured were lock files.
+    liveness_files: usize,
 }
 
 async fn check(env: &Env, schedules: &[Schedule]) -> Report {
     let mut violations: Vec<String> = env.truth.vanished.lock().expect("vanished").clone();
     // Liveness: wait for every lock of a dead runner whose pod is gone.
     let mut liveness = Vec::new();
+    let mut liveness_files = 0;
     let instances = env.truth.instances.lock().expect("truth").clone();
     for inst in &instances {
         if inst.unlocked.is_some() {
@@ -834,15 +959,21 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
         let Some(evidence) = inst.evidence_at else { continue };
         let deadline = evidence.max(Instant::now()) + GRACE + LIVENESS_BOUND;
         loop {
-            let got = env
-                .db
-                .get_item()
-                .table_name(TABLE)
-                .key("LockID", AttributeValue::S(inst.lock_id.clone()))
-                .consistent_read(true)
-                .send()
-                .await;
-            let present = got.ok().and_then(|g| g.item).and_then(|i| i.get("Info").and_then(|v| v.as_s().ok()).cloned());
+            let present = if inst.file {
+                let key = format!("{}.tflock", inst.lock_id.strip_prefix("tfstate/").unwrap_or_default());
+                let got = env.s3.head_object().bucket(BUCKET).key(key).send().await;
+                got.ok().and_then(|h| h.e_tag).map(|e| e.trim_matches('"').to_owned())
+            } else {
+                let got = env
+                    .db
+                    .get_item()
+                    .table_name(TABLE)
+                    .key("LockID", AttributeValue::S(inst.lock_id.clone()))
+                    .consistent_read(true)
+                    .send()
+                    .await;
+                got.ok().and_then(|g| g.item).and_then(|i| i.get("Info").and_then(|v| v.as_s().ok()).cloned())
+            };
             if present.as_deref() != Some(inst.info.as_str()) {
                 break;
             }
@@ -857,14 +988,14 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let released =
-            env.proxy.deletions.lock().expect("deletions").iter().find(|d| d.info.as_deref() == Some(inst.info.as_str())).map(|d| d.at);
+        let released = all_deletions(env).iter().find(|d| d.info.as_deref() == Some(inst.info.as_str())).map(|d| d.at);
         if let Some(at) = released {
             liveness.push(at.saturating_duration_since(evidence));
+            liveness_files += usize::from(inst.file);
         }
     }
     // Safety: every delete the operator sent was for an instance whose runner was dead then.
-    for d in env.proxy.deletions.lock().expect("deletions").iter() {
+    for d in &all_deletions(env) {
         // Unconditional deletes are Terraform's own unlocks forwarded by the gateway; statelock's
         // releases are always conditioned on the exact Info.
         let Some(info) = &d.info else { continue };
@@ -883,7 +1014,7 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
     }
     // No double grant: a lock instance is granted only once the previous one of the same LockID
     // was unlocked by its runner or deleted by the operator.
-    let deletions = env.proxy.deletions.lock().expect("deletions").clone();
+    let deletions = all_deletions(env);
     let mut by_lock: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
     for i in &instances {
         by_lock.entry(i.lock_id.as_str()).or_default().push(i);
@@ -907,13 +1038,25 @@ async fn check(env: &Env, schedules: &[Schedule]) -> Report {
             && let Some(s) = schedules.iter().find(|s| s.seed == seed)
         {
             v.push_str(&format!(
-                "\n  schedule: {} runners, holds {:?} ms, long names {:?}, through gateway {:?}, faults in order: {:?}",
-                s.runners, s.hold_ms, s.long_name, s.via_gateway, s.steps
+                "\n  schedule: {} runners, {}, holds {:?} ms, long names {:?}, through gateway {:?}, faults in order: {:?}",
+                s.runners,
+                if s.lock_files { "lock files" } else { "DynamoDB items" },
+                s.hold_ms,
+                s.long_name,
+                s.via_gateway,
+                s.steps
             ));
             v.push_str(&history(&instances, &deletions, seed));
         }
     }
-    Report { schedules: schedules.len() as u64, violations, liveness }
+    Report { schedules: schedules.len() as u64, violations, liveness, liveness_files }
+}
+
+/// Every delete the operator sent, to DynamoDB and to S3.
+fn all_deletions(env: &Env) -> Vec<Deletion> {
+    let mut all = env.proxy.deletions.lock().expect("deletions").clone();
+    all.extend(env.s3_proxy.deletions.lock().expect("deletions").iter().cloned());
+    all
 }
 
 /// The offending history of one schedule: every grant of its lock (with its runner's death, unlock
@@ -934,8 +1077,8 @@ fn history(instances: &[Instance], deletions: &[Deletion], seed: u64) -> String 
             opt(i.evidence_at)
         ));
     }
-    let lock_id = format!("tfstate/chaos-{seed}/terraform.tfstate");
-    for d in deletions.iter().filter(|d| d.lock_id == lock_id) {
+    let lock_ids = [format!("tfstate/chaos-{seed}/terraform.tfstate"), format!("{BUCKET}/chaos-{seed}-f/terraform.tfstate")];
+    for d in deletions.iter().filter(|d| lock_ids.contains(&d.lock_id)) {
         let whose = match &d.info {
             None => "unconditional (a runner's unlock through a gateway)".to_owned(),
             Some(info) => match mine.iter().find(|i| &i.info == info) {
@@ -1007,9 +1150,13 @@ async fn no_live_holders_lock_is_ever_released_under_randomized_faults() {
         lat.iter().filter(|d| **d > GRACE + LIVENESS_BOUND).count()
     );
     println!(
-        "  deletes recorded at the DynamoDB side (statelock's, and runners' unlocks through a gateway): {}",
-        env.proxy.deletions.lock().expect("deletions").len()
+        "  deletes recorded at the DynamoDB side (statelock's, and runners' unlocks through a gateway): {}; lock files deleted by statelock: {}",
+        env.proxy.deletions.lock().expect("deletions").len(),
+        env.s3_proxy.deletions.lock().expect("deletions").len()
     );
+    let file_schedules = schedules.iter().filter(|s| s.lock_files).count();
+    let file_releases = report.liveness_files;
+    println!("  schedules with lock files: {file_schedules}; their dead runners' lock files released: {file_releases}");
     println!("  violations: {}", report.violations.len());
     for op in env.operators.lock().expect("operators").iter_mut().flatten() {
         let _ = op.child.start_kill();

@@ -763,41 +763,87 @@ async fn a_lagging_pod_cache_never_condemns_a_live_holder() {
     e.op.stop().await;
 }
 
-/// Handling a force-unlock request removes that request only: annotations changed since it was
-/// read (a newer request) stay for the next pass, and the StateLock's other annotations are kept.
+/// Handling a force-unlock request removes that request only, the way the expiry controller
+/// consumes one: the lock ID and the request's token together, only while both are what was
+/// read; the live override on its own, only while it is what was read. A newer request made
+/// meanwhile stays whole, an override never carries over to a request that did not set it, and
+/// the StateLock's other annotations are kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_newer_force_unlock_request_is_never_removed_with_the_one_handled() {
     use kube::runtime::events::{Recorder, Reporter};
     use statelock::cluster::writer::{LockWriter, Writer};
+    const ID: &str = "statelock.dev/force-unlock";
+    const LIVE: &str = "statelock.dev/force-unlock-live";
+    const TOKEN: &str = "statelock.dev/force-unlock-request";
     let cluster = TestCluster::start().await;
     cluster.install_crds().await;
     cluster.create_namespace(NS).await;
     let locks: Api<StateLock> = Api::namespaced(cluster.client(), NS);
-    let body: StateLock = serde_json::from_value(json!({
-        "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock",
-        "metadata": {"name": "l", "annotations": {"team": "infra", "statelock.dev/force-unlock": "id-1", "statelock.dev/force-unlock-request": "t-1"}},
-        "spec": {"source": "tf-locks", "lockId": LOCK},
-    }))
-    .expect("StateLock");
-    let read = locks.create(&PostParams::default(), &body).await.expect("create");
     let writer = LockWriter::new(
         cluster.client(),
         Recorder::new(cluster.client(), Reporter { controller: "t".into(), instance: None }),
         Writer::Expire,
     );
-    let keys = ["statelock.dev/force-unlock", "statelock.dev/force-unlock-live", "statelock.dev/force-unlock-request"];
-    // A newer request (same lock ID, now live, another token) arrives after `read`.
-    let newer =
-        json!({"metadata": {"annotations": {"statelock.dev/force-unlock-live": "true", "statelock.dev/force-unlock-request": "t-2"}}});
-    locks.patch("l", &PatchParams::default(), &Patch::Merge(newer)).await.expect("newer request");
-    assert!(!writer.remove_annotations_as_read(&read, &keys).await.expect("patch"), "the older request is not removed");
-    let now = locks.get("l").await.expect("get");
-    assert_eq!(now.annotations().get("statelock.dev/force-unlock-request").map(String::as_str), Some("t-2"), "{:?}", now.annotations());
-    assert_eq!(now.annotations().get("statelock.dev/force-unlock-live").map(String::as_str), Some("true"));
+    let consume = |read: StateLock| {
+        let writer = writer.clone();
+        async move {
+            let whole = writer.remove_annotations_as_read(&read, &[ID, TOKEN]).await.expect("patch");
+            writer.remove_annotations_as_read(&read, &[LIVE]).await.expect("patch");
+            whole
+        }
+    };
+    let annotations = |name: &'static str| {
+        let locks = locks.clone();
+        async move {
+            let mut a: Vec<(String, String)> = locks.get(name).await.expect("get").annotations().clone().into_iter().collect();
+            a.sort();
+            a
+        }
+    };
+    let create = |name: &'static str, ann: serde_json::Value| {
+        let locks = locks.clone();
+        async move {
+            let body: StateLock = serde_json::from_value(json!({
+                "apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock",
+                "metadata": {"name": name, "annotations": ann},
+                "spec": {"source": "tf-locks", "lockId": LOCK},
+            }))
+            .expect("StateLock");
+            locks.create(&PostParams::default(), &body).await.expect("create")
+        }
+    };
+    let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>();
+
+    // 1. A newer request (same lock ID, now live, another token) arrives after the read: it stays whole.
+    let read = create("newer", json!({"team": "infra", ID: "id-1", TOKEN: "t-1"})).await;
+    locks
+        .patch("newer", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {LIVE: "true", TOKEN: "t-2"}}})))
+        .await
+        .expect("newer request");
+    assert!(!consume(read).await, "the older request is not removed");
+    assert_eq!(
+        annotations("newer").await,
+        pairs(&[
+            ("statelock.dev/force-unlock", "id-1"),
+            ("statelock.dev/force-unlock-live", "true"),
+            ("statelock.dev/force-unlock-request", "t-2"),
+            ("team", "infra")
+        ])
+    );
     // The newer one, as read, is removed; other annotations stay.
-    assert!(writer.remove_annotations_as_read(&now, &keys).await.expect("patch"));
-    let after = locks.get("l").await.expect("get");
-    assert_eq!(after.annotations().keys().collect::<Vec<_>>(), vec!["team"], "only the request is gone");
+    let now = locks.get("newer").await.expect("get");
+    assert!(consume(now).await);
+    assert_eq!(annotations("newer").await, pairs(&[("team", "infra")]), "only the request is gone");
     // Nothing to remove is not an error.
-    assert!(writer.remove_annotations_as_read(&after, &keys).await.expect("nothing to remove"));
+    assert!(consume(locks.get("newer").await.expect("get")).await);
+
+    // 2. A live request is overwritten meanwhile by one without the override (kubectl annotate
+    //    --overwrite of the ID alone): the override read goes, the new request stays without it.
+    let read = create("overwritten", json!({ID: "id-1", LIVE: "true"})).await;
+    locks
+        .patch("overwritten", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {ID: "id-2"}}})))
+        .await
+        .expect("overwrite");
+    assert!(!consume(read).await);
+    assert_eq!(annotations("overwritten").await, pairs(&[("statelock.dev/force-unlock", "id-2")]), "the override did not carry over");
 }

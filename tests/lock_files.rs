@@ -484,3 +484,178 @@ fn e_dir(cluster: &TestCluster, tf: &Terraform, moto: &str, key: &str) -> std::p
     std::fs::write(dir.join("main.tf"), config).expect("main.tf");
     dir
 }
+
+/// A proxy in front of moto's S3 that can hold one ListObjectsV2 request (never answer it): the
+/// first page of a listing (`Hold::FirstPage`) or a later one (`Hold::LaterPage`). `held` is
+/// notified once it holds one; the hold is then cleared.
+struct HoldingProxy {
+    url: String,
+    hold: std::sync::Arc<std::sync::Mutex<Option<Hold>>>,
+    held: std::sync::Arc<tokio::sync::Notify>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Hold {
+    FirstPage,
+    LaterPage,
+}
+
+async fn holding_proxy(upstream: u16) -> HoldingProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let hold: std::sync::Arc<std::sync::Mutex<Option<Hold>>> = std::sync::Arc::default();
+    let held = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (h, n) = (hold.clone(), held.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (hold, held) = (h.clone(), n.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((head, body)) = common::read_http_request(&mut conn, &mut buf).await {
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let line = text.lines().next().unwrap_or_default().to_owned();
+                    if line.starts_with("GET ") && line.contains("list-type=2") {
+                        let page = if line.contains("continuation-token=") { Hold::LaterPage } else { Hold::FirstPage };
+                        let take = {
+                            let mut h = hold.lock().expect("hold");
+                            let take = *h == Some(page);
+                            if take {
+                                *h = None;
+                            }
+                            take
+                        };
+                        if take {
+                            held.notify_one();
+                            // Never answered: the caller dies waiting.
+                            let mut rest = [0u8; 1];
+                            let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut rest).await;
+                            return;
+                        }
+                    }
+                    let reply = common::forward_http(upstream, &text, &body)
+                        .await
+                        .unwrap_or_else(|| b"HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n".to_vec());
+                    if tokio::io::AsyncWriteExt::write_all(&mut conn, &reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    HoldingProxy { url, hold, held }
+}
+
+/// Operators killed (SIGKILL) in the middle of a listing, first on a later page and then on the
+/// first, while lock files come and go: nothing is ever written from a partial listing (no
+/// StateLock of a lock file that stayed is ever deleted), and the next operator converges on
+/// exactly the lock files there are.
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_killed_mid_listing_write_nothing_from_it_and_the_next_converges() {
+    let moto = DynamoServer::moto();
+    assert_eq!(http_request("PUT", &format!("{}/{BUCKET}", moto.url()), ""), 200, "state bucket");
+    let s3 = s3_client(&moto.url()).await;
+    let put = |key: String, body: Vec<u8>| {
+        let s3 = s3.clone();
+        async move {
+            s3.put_object().bucket(BUCKET).key(key).body(body.into()).send().await.expect("put");
+        }
+    };
+    // 2,500 state objects: a listing is three pages.
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..2500), 8, |i| {
+        put(format!("s{i:04}/terraform.tfstate"), b"{}".to_vec())
+    })
+    .await;
+    let lock = |i: usize| format!("s{i:04}/terraform.tfstate");
+    let take = |i: usize| {
+        let info = terraform_info(
+            &format!("{i:08}-aaaa-bbbb-cccc-dddddddddddd"),
+            "root@atlantis-0",
+            &format!("{BUCKET}/{}", lock(i)),
+            "2026-01-01T00:00:00Z",
+        );
+        put(format!("{}.tflock", lock(i)), info.into_bytes())
+    };
+    // Locks on every page: 10 that stay throughout, 10 that are released meanwhile.
+    let stay: Vec<usize> = (0..10).map(|k| k * 250 + 3).collect();
+    let go: Vec<usize> = (0..10).map(|k| k * 250 + 7).collect();
+    let come: Vec<usize> = (0..10).map(|k| k * 250 + 11).collect();
+    for i in stay.iter().chain(&go) {
+        take(*i).await;
+    }
+    let upstream: u16 = moto.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let proxy = holding_proxy(upstream).await;
+    let cluster = TestCluster::start().await;
+    cluster.install_crds().await;
+    cluster.create_namespace(NS).await;
+    cluster
+        .create_lock_source(
+            NS,
+            "state-bucket",
+            json!({"s3": {"bucket": BUCKET, "region": "us-east-1", "endpoint": proxy.url}, "sync": {"mode": "Scan", "interval": "1s"}}),
+        )
+        .await;
+    // Every StateLock deletion, by name, from a watch.
+    let deleted: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+    let d = deleted.clone();
+    let api: Api<StateLock> = Api::namespaced(cluster.client(), NS);
+    let watch = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut s = kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
+        while let Some(Ok(ev)) = s.next().await {
+            if let kube::runtime::watcher::Event::Delete(o) = ev {
+                d.lock().expect("deleted").push(o.name_any());
+            }
+        }
+    });
+    let present = |ids: Vec<usize>| {
+        let cluster = &cluster;
+        async move {
+            for i in ids {
+                state_lock(cluster, &format!("{BUCKET}/{}", lock(i))).await?;
+            }
+            Some(())
+        }
+    };
+    let first = Operator::start(&cluster);
+    eventually(Duration::from_secs(60), "the first StateLocks", || present(stay.iter().chain(&go).copied().collect())).await;
+    // Killed on a later page of a listing while locks change...
+    *proxy.hold.lock().expect("hold") = Some(Hold::LaterPage);
+    for k in 0..5 {
+        s3.delete_object().bucket(BUCKET).key(format!("{}.tflock", lock(go[k]))).send().await.expect("release");
+        take(come[k]).await;
+    }
+    proxy.held.notified().await;
+    first.kill().await;
+    // ... and the next one on the very first page it asks for, before it has listed anything.
+    *proxy.hold.lock().expect("hold") = Some(Hold::FirstPage);
+    let second = Operator::start(&cluster);
+    proxy.held.notified().await;
+    for k in 5..10 {
+        s3.delete_object().bucket(BUCKET).key(format!("{}.tflock", lock(go[k]))).send().await.expect("release");
+        take(come[k]).await;
+    }
+    second.kill().await;
+    // The last operator converges on exactly the lock files there are.
+    let last = Operator::start(&cluster);
+    eventually(Duration::from_secs(60), "exactly the lock files there are", || async {
+        let names: std::collections::BTreeSet<String> = Api::<StateLock>::namespaced(cluster.client(), NS)
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect();
+        let want: std::collections::BTreeSet<String> =
+            stay.iter().chain(&come).map(|i| statelock::crd::state_lock_name(&format!("{BUCKET}/{}", lock(*i)))).collect();
+        (names == want).then_some(())
+    })
+    .await;
+    let deleted = deleted.lock().expect("deleted").clone();
+    for i in &stay {
+        let name = state_lock_name(&format!("{BUCKET}/{}", lock(*i)));
+        assert!(!deleted.contains(&name), "the StateLock of a lock file that stayed was deleted: {name}; deletions: {deleted:?}");
+    }
+    watch.abort();
+    last.stop().await;
+}

@@ -1,22 +1,31 @@
 //! Helpers shared by the benchmarks: moto, tables, and a cluster with statelock in-process.
 #![allow(dead_code)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use apiserver_emulator::{Config, Emulator};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification, StreamViewType,
 };
+use futures::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams, PostParams},
-    runtime::events::{Recorder, Reporter},
+    runtime::{
+        WatchStreamExt,
+        events::{Recorder, Reporter},
+        watcher,
+    },
 };
 use serde_json::{Value, json};
 use statelock::{
     admin::Readiness,
-    crd::LockSource,
+    crd::{LockSource, StateLock},
     dynamo::{self, StaticCredentials},
     expiry, mirror,
 };
@@ -50,12 +59,12 @@ pub fn moto() -> Moto {
 }
 
 pub async fn db(url: &str) -> aws_sdk_dynamodb::Client {
-    dynamo::dynamodb_client(
-        "us-east-1",
-        Some(url),
-        Some(StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None }),
-    )
-    .await
+    dynamo::dynamodb_client("us-east-1", Some(url), Some(fake_credentials())).await
+}
+
+/// The credentials moto takes.
+pub fn fake_credentials() -> StaticCredentials {
+    StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None }
 }
 
 pub async fn create_table(db: &aws_sdk_dynamodb::Client, name: &str, stream: bool) {
@@ -171,4 +180,44 @@ pub fn open_tenancy() -> std::sync::Arc<statelock::tenancy::TenancyPolicy> {
         identity_namespaces: vec!["*".into()],
         allowed_endpoints: vec!["http://127.0.0.1:*".into()],
     })
+}
+
+/// Watches the StateLocks of `default` and records when each LockID first became visible.
+pub struct Seen {
+    at: Arc<Mutex<HashMap<String, Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Seen {
+    pub fn start(emulator_url: &str) -> Self {
+        let mut config = kube::Config::new(emulator_url.parse().expect("url"));
+        config.default_namespace = "default".into();
+        let api: Api<StateLock> = Api::namespaced(kube::Client::try_from(config).expect("client"), "default");
+        let at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let w = at.clone();
+        let task = tokio::spawn(async move {
+            let mut s = watcher(api, watcher::Config::default()).default_backoff().applied_objects().boxed();
+            while let Some(Ok(o)) = s.next().await {
+                w.lock().expect("seen").entry(o.spec.lock_id.clone()).or_insert_with(Instant::now);
+            }
+        });
+        Self { at, task }
+    }
+
+    pub async fn wait(&self, id: &str) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(t) = self.at.lock().expect("seen").get(id) {
+                return *t;
+            }
+            assert!(Instant::now() < deadline, "{id} never became visible");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Seen {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -101,12 +101,7 @@ impl SourceClients {
             None => None,
         };
         let s3 = match &source.spec.s3 {
-            Some(s) => {
-                let c = sdk_config(&s.region, s.endpoint.as_deref(), creds.s3).await;
-                // Path-style addressing with an endpoint of one's own (S3-compatible servers).
-                let conf = aws_sdk_s3::config::Builder::from(&c).force_path_style(s.endpoint.is_some()).build();
-                Some(aws_sdk_s3::Client::from_conf(conf))
-            }
+            Some(s) => Some(crate::s3::client(&s.region, s.endpoint.as_deref(), creds.s3).await),
             None => None,
         };
         let sdk = Arc::new(SourceSdk {

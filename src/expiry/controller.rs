@@ -454,6 +454,9 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
 
     // 2. The authorities, when a release may follow (a dead holder, or a manual unlock request).
     let unlock_request = lock.annotations().get(FORCE_UNLOCK_ANNOTATION).cloned();
+    if unlock_request.is_none() {
+        clear_orphaned_unlock_annotations(&ctx, &lock).await?;
+    }
     // A pod cache still listing (start-up, a new namespace) decides nothing; a lock that already
     // has a holder status keeps it rather than flapping to Unknown and back (on a restart, that
     // would be two writes per StateLock for nothing).
@@ -600,17 +603,35 @@ async fn report_blocked(ctx: &Context, lock: &StateLock, previous: &StateLockSta
     publish(ctx, lock, reasons::RELEASE_BLOCKED, &format!("{}: {}", b.reason, b.message), pod).await;
 }
 
-/// Remove the force-unlock annotations: a request is handled once. Only the request that was
-/// read is removed: annotations changed meanwhile are a newer request, left for the next pass.
+/// Remove the force-unlock annotations: a request is handled once. Only what was read is removed:
+/// the lock ID and the request's token go together, and stay if either changed meanwhile (a newer
+/// request, handled next); the live override goes if it is still what was read, so that it never
+/// carries over to a request that did not ask for it.
 async fn consume_unlock_request(ctx: &Context, lock: &StateLock) -> Result<(), ExpiryError> {
-    let keys = [FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_LIVE_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION];
-    let removed = ctx
-        .writer
-        .remove_annotations_as_read(lock, &keys)
-        .await
-        .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
+    let err = |error| ExpiryError::WriteStatus { name: lock.name_any(), error };
+    let removed =
+        ctx.writer.remove_annotations_as_read(lock, &[FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION]).await.map_err(err)?;
+    ctx.writer.remove_annotations_as_read(lock, &[FORCE_UNLOCK_LIVE_ANNOTATION]).await.map_err(err)?;
     if !removed {
         info!(lock = %lock.spec.lock_id, "a newer force-unlock request arrived while one was handled; it is handled next");
+    }
+    Ok(())
+}
+
+/// A live override or a token without a request (left by a request that was handled, or set on
+/// its own) is removed: an override counts only with the request it was set with.
+async fn clear_orphaned_unlock_annotations(ctx: &Context, lock: &StateLock) -> Result<(), ExpiryError> {
+    let a = lock.annotations();
+    if a.contains_key(FORCE_UNLOCK_ANNOTATION) {
+        return Ok(());
+    }
+    for key in [FORCE_UNLOCK_LIVE_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION] {
+        if a.contains_key(key) {
+            ctx.writer
+                .remove_annotations_as_read(lock, &[FORCE_UNLOCK_ANNOTATION, key])
+                .await
+                .map_err(|error| ExpiryError::WriteStatus { name: lock.name_any(), error })?;
+        }
     }
     Ok(())
 }

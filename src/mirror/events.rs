@@ -20,6 +20,9 @@ use tracing::{info, warn};
 use super::{Backoff, Context, LockFile, SourceState, SyncError, reconcile};
 use crate::{crd::LockSource, metrics::SqsRequestLabels, s3};
 
+/// The most lock files read for one batch of messages.
+const MAX_KEYS_PER_BATCH: usize = 100;
+
 /// What the queue task hands over: a batch of messages, or why the queue cannot be read.
 pub(super) type QueueNews = Result<Vec<s3::events::Received>, SyncError>;
 
@@ -108,8 +111,11 @@ pub(super) async fn handle(ctx: &Context, source: &LockSource, state: &mut Sourc
     };
     let (Some(files), Some(sdk)) = (source.spec.s3.as_ref(), state.clients.clone()) else { return Ok(()) };
     let (Some(events), Some(client), Some(sqs)) = (files.events.as_ref(), sdk.s3.as_ref(), sdk.sqs.as_ref()) else { return Ok(()) };
+    // At most MAX_KEYS_PER_BATCH files are read per batch (a message can name many keys): the
+    // messages naming others are left for SQS to deliver again.
     let keys: BTreeSet<String> = batch.iter().flat_map(|m| m.keys.iter().cloned()).collect();
-    let mut unread: BTreeSet<String> = BTreeSet::new();
+    let mut unread: BTreeSet<String> = keys.iter().skip(MAX_KEYS_PER_BATCH).cloned().collect();
+    let keys: BTreeSet<String> = keys.into_iter().take(MAX_KEYS_PER_BATCH).collect();
     let mut changed = false;
     for key in &keys {
         super::count_s3(ctx, source, "GET", 1);
@@ -159,13 +165,16 @@ pub(super) fn listing_due(source: &LockSource, state: &SourceState) -> bool {
 pub(super) async fn check_configuration(ctx: &Context, source: &LockSource, state: &mut SourceState) {
     let (Some(files), Some(sdk)) = (source.spec.s3.as_ref(), state.clients.clone()) else { return };
     let (Some(events), Some(client)) = (files.events.as_ref(), sdk.s3.as_ref()) else { return };
-    let found = s3::events::sends_to_queue(client, &files.bucket, &events.queue_url).await;
+    let found = s3::events::sends_to_queue(client, &files.bucket, &files.prefix, &events.queue_url).await;
     super::count_s3(ctx, source, "GET", 1);
+    // A check that cannot be made is said in the Ready condition, but does not turn event mode off.
+    state.events_unverified = None;
     let finding = match found {
         Ok(s3::events::Delivery::Complete) => None,
         Ok(s3::events::Delivery::Missing(what)) => Some(what),
         Err(e) => {
             warn!(error = %e, "could not read the bucket's notification configuration; assuming it sends to the queue");
+            state.events_unverified = Some(e.to_string());
             None
         }
     };

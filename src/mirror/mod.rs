@@ -485,6 +485,9 @@ struct SourceState {
     queue_trouble: Option<String>,
     /// Event mode: what the bucket's notification configuration lacks (listing every pass).
     events_unconfigured: Option<String>,
+    /// Event mode: why the bucket's notification configuration could not be read (said in the
+    /// Ready condition; event mode stays on).
+    events_unverified: Option<String>,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
     /// When the table's current stream ARN was last compared with the one followed.
@@ -681,7 +684,19 @@ async fn report(ctx: &Context, source: &LockSource, state: &mut SourceState, res
                         ),
                         Some(pass.locks),
                     ),
-                    _ => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
+                    _ => match &state.events_unverified {
+                        Some(why) => ready_status(
+                            source,
+                            state.mode,
+                            true,
+                            "Synced",
+                            format!(
+                                "{what}; following the lock files' events, but the bucket's notification configuration could not be checked ({why}): grant s3:GetBucketNotification so that a bucket that does not send them is found out"
+                            ),
+                            Some(pass.locks),
+                        ),
+                        None => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
+                    },
                 },
             }
         }
@@ -741,7 +756,10 @@ async fn follow(
             }
             news = events::next(queue) => {
                 take_events(ctx, source, state, news).await;
-                continue;
+                // Events never hold the stream back: it is polled when its time has come.
+                if last_poll.elapsed() < idle_poll {
+                    continue;
+                }
             }
             () = cancel.cancelled() => return Break(()),
         }

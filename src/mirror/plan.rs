@@ -210,7 +210,7 @@ fn acquired_note(r: &LockRecord) -> String {
         "{} took the lock on {} for {} (lock ID {}, Terraform {})",
         i.who.as_deref().unwrap_or("an unknown holder"),
         i.path.as_deref().unwrap_or(&r.lock_id),
-        i.operation.as_deref().unwrap_or("an unknown operation"),
+        i.operation.as_deref().map_or_else(|| "an unknown operation".to_owned(), crate::lock_record::operation_word),
         i.id.as_deref().unwrap_or("unknown"),
         i.version.as_deref().unwrap_or("unknown"),
     )

@@ -74,11 +74,16 @@ pub async fn delete(client: &aws_sdk_sqs::Client, queue_url: &str, receipt_handl
             })
             .collect();
         requests += 1;
-        client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await.map_err(|e| S3Error::Queue {
-            queue: queue_url.to_owned(),
-            message: message_of(&e),
-            category: category_of(&e),
-        })?;
+        let out =
+            client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await.map_err(|e| S3Error::Queue {
+                queue: queue_url.to_owned(),
+                message: message_of(&e),
+                category: category_of(&e),
+            })?;
+        if let Some(f) = out.failed.first() {
+            // Received again after the visibility timeout, and handled again: nothing is lost.
+            tracing::warn!(failed = out.failed.len(), code = %f.code, message = ?f.message, "some handled messages could not be deleted from the queue");
+        }
     }
     Ok(requests)
 }
@@ -94,7 +99,7 @@ pub enum Delivery {
 
 /// Read the bucket's notification configuration and say whether lock files created and removed
 /// under `prefix` are sent to `queue_url` (its ARN ends with the account and name in the URL).
-pub async fn sends_to_queue(client: &aws_sdk_s3::Client, bucket: &str, queue_url: &str) -> Result<Delivery, S3Error> {
+pub async fn sends_to_queue(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, queue_url: &str) -> Result<Delivery, S3Error> {
     let conf = client.get_bucket_notification_configuration().bucket(bucket).send().await.map_err(|e| S3Error::Get {
         bucket: bucket.to_owned(),
         key: "?notification".into(),
@@ -118,7 +123,7 @@ pub async fn sends_to_queue(client: &aws_sdk_s3::Client, bucket: &str, queue_url
                 .collect(),
         })
         .collect();
-    Ok(delivery(&rules, queue_url))
+    Ok(delivery(&rules, prefix, queue_url))
 }
 
 /// One queue configuration of a bucket, as [`delivery`] judges it.
@@ -130,10 +135,10 @@ pub struct QueueRule {
     pub filters: Vec<(String, String)>,
 }
 
-/// Whether `rules` send every created and removed lock file to `queue_url` (the prefix of the
-/// LockSource aside: a prefix filter narrower than the whole bucket is the user's choice, and the
-/// listing covers what it leaves out every `resyncInterval`).
-pub fn delivery(rules: &[QueueRule], queue_url: &str) -> Delivery {
+/// Whether `rules` send every created and removed lock file under `prefix` to `queue_url`. A
+/// removal is `s3:ObjectRemoved:*`, or both `Delete` and `DeleteMarkerCreated` (in a versioned
+/// bucket, which state buckets usually are, Terraform's DeleteObject creates a delete marker).
+pub fn delivery(rules: &[QueueRule], prefix: &str, queue_url: &str) -> Delivery {
     let mut path = queue_url.rsplit('/');
     let (Some(name), Some(account)) = (path.next(), path.next()) else {
         return Delivery::Missing(format!("{queue_url} does not end with an account and a queue name"));
@@ -142,22 +147,29 @@ pub fn delivery(rules: &[QueueRule], queue_url: &str) -> Delivery {
         let mut parts = arn.rsplit(':');
         parts.next() == Some(name) && parts.next() == Some(account)
     };
-    let covers_lock_files = |r: &QueueRule| r.filters.iter().all(|(k, v)| k != "suffix" || LOCK_SUFFIX.ends_with(v.as_str()));
+    // The rule's key filter lets every lock file under the LockSource's prefix through.
+    let covers_lock_files = |r: &QueueRule| {
+        r.filters.iter().all(|(k, v)| match k.as_str() {
+            "suffix" => LOCK_SUFFIX.ends_with(v.as_str()),
+            "prefix" => prefix.starts_with(v.as_str()),
+            _ => false,
+        })
+    };
     let mine: Vec<&QueueRule> = rules.iter().filter(|r| ours(&r.queue_arn) && covers_lock_files(r)).collect();
     if mine.is_empty() {
         return Delivery::Missing(format!(
-            "the bucket's event notifications do not name the queue {account}/{name} (for keys ending {LOCK_SUFFIX})"
+            "the bucket's event notifications do not name the queue {account}/{name} for every key under {prefix:?} ending {LOCK_SUFFIX}"
         ));
     }
-    let has = |kind: &str| {
-        mine.iter().any(|r| {
-            r.events.iter().any(|e| e == &format!("s3:{kind}:*") || e == &format!("s3:{kind}:Put") || e == &format!("s3:{kind}:Delete"))
-        })
-    };
-    match (has("ObjectCreated"), has("ObjectRemoved")) {
+    let has = |event: &str| mine.iter().any(|r| r.events.iter().any(|e| e == event));
+    let created = has("s3:ObjectCreated:*") || has("s3:ObjectCreated:Put");
+    let removed = has("s3:ObjectRemoved:*") || (has("s3:ObjectRemoved:Delete") && has("s3:ObjectRemoved:DeleteMarkerCreated"));
+    match (created, removed) {
         (true, true) => Delivery::Complete,
         (false, _) => Delivery::Missing(format!("the bucket sends no s3:ObjectCreated events to the queue {account}/{name}")),
-        (_, false) => Delivery::Missing(format!("the bucket sends no s3:ObjectRemoved events to the queue {account}/{name}")),
+        (_, false) => Delivery::Missing(format!(
+            "the bucket sends no s3:ObjectRemoved events (or not both :Delete and :DeleteMarkerCreated) to the queue {account}/{name}"
+        )),
     }
 }
 
@@ -278,7 +290,11 @@ mod tests {
             vec!["env:/dev/net/terraform.tfstate.tflock", "app/with space.tflock", "other/x.tflock", "app/a.tflock"]
         );
         assert_eq!(lock_files_named(&body, "tfstate", "app/").expect("a notification"), vec!["app/with space.tflock", "app/a.tflock"]);
-        assert_eq!(lock_files_named(&body, "another-bucket", "").expect("a notification"), Vec::<String>::new(), "another bucket's records are not ours");
+        assert_eq!(
+            lock_files_named(&body, "another-bucket", "").expect("a notification"),
+            Vec::<String>::new(),
+            "another bucket's records are not ours"
+        );
     }
 
     #[test]
@@ -306,13 +322,20 @@ mod tests {
         };
         let arn = "arn:aws:sqs:us-east-1:123456789012:statelock";
         assert_eq!(
-            delivery(&[rule(arn, &["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], &[("suffix", ".tflock")])], url),
+            delivery(&[rule(arn, &["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], &[("suffix", ".tflock")])], "", url),
             Delivery::Complete
         );
         assert_eq!(
-            delivery(&[rule(arn, &["s3:ObjectCreated:Put"], &[]), rule(arn, &["s3:ObjectRemoved:Delete"], &[("prefix", "env:/")])], url),
+            delivery(
+                &[
+                    rule(arn, &["s3:ObjectCreated:Put"], &[]),
+                    rule(arn, &["s3:ObjectRemoved:Delete", "s3:ObjectRemoved:DeleteMarkerCreated"], &[("prefix", "env:/")])
+                ],
+                "env:/dev/",
+                url
+            ),
             Delivery::Complete,
-            "two rules together"
+            "two rules together, the prefix filter covering the LockSource's prefix"
         );
         for (rules, why) in [
             (vec![], "no rule"),
@@ -324,8 +347,13 @@ mod tests {
                 "another account",
             ),
             (vec![rule(arn, &["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], &[("suffix", ".tfstate")])], "state files only"),
+            (vec![rule(arn, &["s3:ObjectCreated:*", "s3:ObjectRemoved:Delete"], &[])], "no delete markers (versioned buckets)"),
+            (
+                vec![rule(arn, &["s3:ObjectCreated:*", "s3:ObjectRemoved:*"], &[("prefix", "env:/")])],
+                "a prefix narrower than the LockSource's",
+            ),
         ] {
-            assert!(matches!(delivery(&rules, url), Delivery::Missing(_)), "{why}");
+            assert!(matches!(delivery(&rules, "", url), Delivery::Missing(_)), "{why}");
         }
     }
 }

@@ -17,6 +17,14 @@ use crate::{errors::ErrorCategory, lock_record::LockRecord, lock_store::ReleaseO
 
 pub mod events;
 
+/// The S3 client for a bucket in `region`, at `endpoint` when given (S3-compatible servers, VPC
+/// endpoints: path-style addressing), with `credentials` or the default chain; built on the
+/// process's shared HTTPS client like every other SDK client.
+pub async fn client(region: &str, endpoint: Option<&str>, credentials: Option<crate::dynamo::StaticCredentials>) -> aws_sdk_s3::Client {
+    let config = crate::dynamo::sdk_config(region, endpoint, credentials).await;
+    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(endpoint.is_some()).build())
+}
+
 /// The suffix Terraform appends to a state key for its lock file.
 pub const LOCK_SUFFIX: &str = ".tflock";
 /// The largest lock file read; Terraform's are a few hundred bytes. A bigger object is reported

@@ -1,8 +1,10 @@
 //! `statelock sandbox --demo`: a short story with real Terraform processes.
 //!
 //! Runner A (pod `atlantis-0`) applies and holds the lock (its apply waits at the approval
-//! prompt); runner B (pod `atlantis-1`) waits for it and LockContended appears; A's process is
-//! killed and its pod deleted, so HolderDied and LockExpired appear; B proceeds. Each runner gets
+//! prompt); runner B (pod `atlantis-1`) waits for it; A's process is killed and its pod deleted,
+//! so HolderDied and LockExpired appear; B proceeds. With Terraform 1.11+ the lock is an S3 lock
+//! file (`use_lockfile`), whose waiters statelock does not see (there is no S3 gateway); with
+//! older Terraform it is a DynamoDB item taken through the gateway, and LockContended appears. Each runner gets
 //! its pod's hostname through `unshare` (its own UTS namespace), so Terraform's `Who` names the
 //! pod, as it does in a cluster. Every step is checked; the demo fails at the first that does not
 //! happen.
@@ -197,17 +199,49 @@ impl Demo {
         .await?;
         self.show(&["statelocks", "-o", "wide"]).await;
 
-        step(2, "runner B (pod atlantis-1) wants the same state and waits");
-        let b = self
+        let lock_files = !(major == 1 && minor < 11);
+        if lock_files {
+            step(
+                2,
+                "runner B (pod atlantis-1) wants the same state and waits on A's lock file (statelock does not see waiters on lock files: there is no S3 gateway)",
+            );
+        } else {
+            step(2, "runner B (pod atlantis-1) wants the same state and waits (through the gateway: LockContended)");
+        }
+        let mut b = self
             .terraform_cmd(&unshare, &b_dir, "atlantis-1", &["apply", "-no-color", "-auto-approve", "-lock-timeout=120s", "-var", "run=b"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        wait_for("LockContended naming atlantis-1", Duration::from_secs(30), || self.has_event("LockContended", "atlantis-1")).await?;
-        self.show(&["statelocks", "-o", "wide"]).await;
-        self.show(&["events", "--field-selector", "reason=LockContended"]).await;
+        // B's output, as it comes: Terraform says when it starts waiting for a lock.
+        let b_out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(stdout) = b.stdout.take() {
+            let out = b_out.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    let mut o = out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    o.push_str(&l);
+                    o.push('\n');
+                }
+            });
+        }
+        if lock_files {
+            wait_for("runner B waiting for the lock", Duration::from_secs(60), || {
+                let waiting = b_out.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains("Acquiring state lock");
+                async move { waiting.then_some(()) }
+            })
+            .await?;
+            println!("runner B: Acquiring state lock. This may take a few moments...");
+            self.show(&["statelocks", "-o", "wide"]).await;
+        } else {
+            wait_for("LockContended naming atlantis-1", Duration::from_secs(30), || self.has_event("LockContended", "atlantis-1")).await?;
+            self.show(&["statelocks", "-o", "wide"]).await;
+            self.show(&["events", "--field-selector", "reason=LockContended"]).await;
+        }
 
         step(3, "runner A's process is killed (SIGKILL) and its pod deleted: the lock is left behind");
         a.kill().await.map_err(|e| format!("kill A: {e}"))?;

@@ -84,8 +84,11 @@ pub fn backend_block(version: Option<(u32, u32)>, s3: &str, gateway: &str, key: 
             "terraform {{\n  backend \"s3\" {{\n    bucket                      = \"{BUCKET}\"\n    key                         = \"{key}\"\n    region                      = \"us-east-1\"\n    dynamodb_table              = \"{TABLE}\"\n    access_key                  = \"sandbox\"\n    secret_key                  = \"sandbox\"\n    endpoint                    = \"{s3}\"\n    dynamodb_endpoint           = \"{gateway}\"\n    force_path_style            = true\n    skip_credentials_validation = true\n    skip_metadata_api_check     = true\n  }}\n}}\n"
         )
     } else {
+        // Terraform 1.11+: S3 lock files, the way Terraform recommends (no DynamoDB table, so no
+        // deprecation warning; the gateway, which speaks DynamoDB, is not involved).
+        let _ = gateway;
         format!(
-            "terraform {{\n  backend \"s3\" {{\n    bucket                      = \"{BUCKET}\"\n    key                         = \"{key}\"\n    region                      = \"us-east-1\"\n    dynamodb_table              = \"{TABLE}\"\n    access_key                  = \"sandbox\"\n    secret_key                  = \"sandbox\"\n    endpoints = {{\n      s3       = \"{s3}\"\n      dynamodb = \"{gateway}\"\n    }}\n    use_path_style              = true\n    skip_credentials_validation = true\n    skip_requesting_account_id  = true\n    skip_metadata_api_check     = true\n  }}\n}}\n"
+            "terraform {{\n  backend \"s3\" {{\n    bucket                      = \"{BUCKET}\"\n    key                         = \"{key}\"\n    region                      = \"us-east-1\"\n    use_lockfile                = true\n    access_key                  = \"sandbox\"\n    secret_key                  = \"sandbox\"\n    endpoints = {{\n      s3 = \"{s3}\"\n    }}\n    use_path_style              = true\n    skip_credentials_validation = true\n    skip_requesting_account_id  = true\n    skip_metadata_api_check     = true\n  }}\n}}\n"
         )
     }
 }
@@ -124,6 +127,7 @@ async fn install(client: &Client, endpoints: &Endpoints) -> Result<(), SandboxEr
         "apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "metadata": {"name": "sandbox"},
         "spec": {
             "dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": endpoints.gateway, "credentialsSecretRef": {"name": "sandbox-credentials"}},
+            "s3": {"bucket": BUCKET, "region": "us-east-1", "endpoint": endpoints.s3, "credentialsSecretRef": {"name": "sandbox-credentials"}},
             "sync": {"mode": "Scan", "interval": "1s"},
             "holders": {"namespaces": [NAMESPACE], "hostnamePattern": "atlantis-[0-9]+"},
             "expiry": {"mode": "Release", "gracePeriod": "0s"},
@@ -218,9 +222,9 @@ pub async fn run(args: SandboxArgs) -> Result<(), SandboxError> {
         lease_namespace: None,
         lease_duration: Duration::from_secs(15),
         // The sandbox's LockSource reads its in-memory tables through the sandbox's own gateway,
-        // with the sandbox's dummy identity.
+        // and its lock files from the in-memory S3, with the sandbox's dummy identity.
         aws_identity_namespaces: vec![NAMESPACE.into()],
-        allowed_endpoints: vec![format!("http://127.0.0.1:{gateway_port}")],
+        allowed_endpoints: vec![format!("http://127.0.0.1:{gateway_port}"), endpoints.s3.clone()],
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let demo = if args.demo {

@@ -276,32 +276,17 @@ impl Drop for DynamoServer {
 /// Terraform's Info JSON for a lock, as captured from Terraform 1.11.4.
 /// An S3 client for a moto server at `url` (path-style, the tests' fake credentials).
 pub async fn s3_client(url: &str) -> aws_sdk_s3::Client {
-    let config = statelock::dynamo::sdk_config(
-        "us-east-1",
-        Some(url),
-        Some(statelock::dynamo::StaticCredentials {
-            access_key_id: "AKIAFAKE".into(),
-            secret_access_key: "fake".into(),
-            session_token: None,
-        }),
-    )
-    .await;
-    aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
+    statelock::s3::client("us-east-1", Some(url), Some(fake_credentials())).await
+}
+
+/// The credentials moto takes.
+pub fn fake_credentials() -> statelock::dynamo::StaticCredentials {
+    statelock::dynamo::StaticCredentials { access_key_id: "AKIAFAKE".into(), secret_access_key: "fake".into(), session_token: None }
 }
 
 /// An SQS client for the server (moto serves SQS on the same port).
 pub async fn sqs_client(url: &str) -> aws_sdk_sqs::Client {
-    let config = statelock::dynamo::sdk_config(
-        "us-east-1",
-        Some(url),
-        Some(statelock::dynamo::StaticCredentials {
-            access_key_id: "AKIAFAKE".into(),
-            secret_access_key: "fake".into(),
-            session_token: None,
-        }),
-    )
-    .await;
-    aws_sdk_sqs::Client::new(&config)
+    aws_sdk_sqs::Client::new(&statelock::dynamo::sdk_config("us-east-1", Some(url), Some(fake_credentials())).await)
 }
 
 pub fn terraform_info(id: &str, who: &str, path: &str, created: &str) -> String {
@@ -627,4 +612,57 @@ impl Drop for NetNs {
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// One HTTP/1.1 request from `conn` (head and body), reading into `buf`; `None` when the
+/// connection ends first.
+pub async fn read_http_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = buf[..end + 4].to_vec();
+            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let len: usize = text.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 8192];
+                let n = tokio::io::AsyncReadExt::read(conn, &mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            return Some((head, body));
+        }
+        let mut chunk = [0u8; 8192];
+        let n = tokio::io::AsyncReadExt::read(conn, &mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Forward one request to `127.0.0.1:upstream` on a connection of its own; the answer, with the
+/// upstream's `Connection: close` dropped (the caller keeps its connection).
+pub async fn forward_http(upstream: u16, head: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let mut up = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.ok()?;
+    let mut out = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut up, out.as_bytes()).await.ok()?;
+    tokio::io::AsyncWriteExt::write_all(&mut up, body).await.ok()?;
+    let mut reply = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut up, &mut reply).await.ok()?;
+    // The caller keeps its connection: drop moto's `Connection: close` from the answer.
+    let text = String::from_utf8_lossy(&reply);
+    let (h, b) = text.split_once("\r\n\r\n")?;
+    let kept: Vec<&str> = h.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("connection:")).collect();
+    Some(format!("{}\r\n\r\n{b}", kept.join("\r\n")).into_bytes())
 }
