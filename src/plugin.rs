@@ -294,7 +294,8 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
     // A leftover live override from an earlier request must not make this one live.
     let annotations = json!({
         FORCE_UNLOCK_ANNOTATION: id,
-        FORCE_UNLOCK_LIVE_ANNOTATION: if live { json!("true") } else { json!(null) },
+        // The override names the lock it is for: it never applies to another request.
+        FORCE_UNLOCK_LIVE_ANNOTATION: if live { json!(id) } else { json!(null) },
         FORCE_UNLOCK_REQUEST_ANNOTATION: token,
     });
     let api: Api<StateLock> = Api::namespaced(client.clone(), ns);
@@ -308,7 +309,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         };
         if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
             return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
-                confirm_released(&api, name, &uid, id, deadline, text(e)).await
+                confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
             } else {
                 Err(PluginError::NotReleased(text(e)))
             };
@@ -331,7 +332,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
             let seen = answers().await?;
             if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
                 return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
-                    confirm_released(&api, name, &uid, id, deadline, text(e)).await
+                    confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
                 } else {
                     Err(PluginError::NotReleased(text(e)))
                 };
@@ -347,18 +348,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         if tokio::time::Instant::now() >= deadline {
             // The request is withdrawn, unless it was taken up or replaced meanwhile: it must not
             // be carried out later, when nobody is waiting for its answer.
-            let pointer = |k: &str| format!("/metadata/annotations/{}", k.replace('~', "~0").replace('/', "~1"));
-            let mut ops = vec![json!({"op": "test", "path": pointer(FORCE_UNLOCK_REQUEST_ANNOTATION), "value": token})];
-            for k in [FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION] {
-                ops.push(json!({"op": "remove", "path": pointer(k)}));
-            }
-            if live {
-                ops.push(json!({"op": "remove", "path": pointer(FORCE_UNLOCK_LIVE_ANNOTATION)}));
-            }
-            let withdrawn = match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops)) {
-                Ok(p) => api.patch(name, &PatchParams::default(), &Patch::<()>::Json(p)).await.is_ok(),
-                Err(_) => false,
-            };
+            let withdrawn = withdraw(&api, name, &token, id, live).await;
             let what =
                 if withdrawn { "the request was withdrawn" } else { "the request could not be withdrawn and may still be carried out" };
             return Err(PluginError::NoAnswer(timeout, what));
@@ -369,12 +359,13 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
 
 /// A `ForceUnlocked` answer is believed once the StateLock says so too: it is gone, or it shows
 /// another lock (anyone who may create Events could write the answer; only the operator's mirror
-/// removes the StateLock of a released lock).
+/// removes the StateLock of a released lock). Not confirmed in time, the request is withdrawn (if
+/// it is still there as this plugin set it), so that a forged answer leaves nothing pending.
 async fn confirm_released(
     api: &Api<StateLock>,
     name: &str,
     uid: &str,
-    id: &str,
+    (id, token, live): (&str, &str, bool),
     deadline: tokio::time::Instant,
     answer: String,
 ) -> Result<String, PluginError> {
@@ -385,11 +376,36 @@ async fn confirm_released(
             return Ok(format!("{answer}\n"));
         }
         if tokio::time::Instant::now() >= deadline {
+            let withdrawn = withdraw(api, name, token, id, live).await;
             return Err(PluginError::NotReleased(format!(
-                "{answer}; but the StateLock still shows lock {id}: the answer is not confirmed (run: kubectl statelock why {name})"
+                "{answer}; but the StateLock still shows lock {id}: the answer is not confirmed{} (run: kubectl statelock why {name})",
+                if withdrawn { " and the request was withdrawn" } else { "" }
             )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Remove this plugin's request, only as it set it (its token, its lock ID, its override): another
+/// person's request or override made since stays. True when removed.
+async fn withdraw(api: &Api<StateLock>, name: &str, token: &str, id: &str, live: bool) -> bool {
+    let pointer = |k: &str| format!("/metadata/annotations/{}", k.replace('~', "~0").replace('/', "~1"));
+    let mut ops = vec![
+        json!({"op": "test", "path": pointer(FORCE_UNLOCK_REQUEST_ANNOTATION), "value": token}),
+        json!({"op": "test", "path": pointer(FORCE_UNLOCK_ANNOTATION), "value": id}),
+    ];
+    if live {
+        ops.push(json!({"op": "test", "path": pointer(FORCE_UNLOCK_LIVE_ANNOTATION), "value": id}));
+    }
+    for k in [FORCE_UNLOCK_ANNOTATION, FORCE_UNLOCK_REQUEST_ANNOTATION] {
+        ops.push(json!({"op": "remove", "path": pointer(k)}));
+    }
+    if live {
+        ops.push(json!({"op": "remove", "path": pointer(FORCE_UNLOCK_LIVE_ANNOTATION)}));
+    }
+    match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops)) {
+        Ok(p) => api.patch(name, &PatchParams::default(), &Patch::<()>::Json(p)).await.is_ok(),
+        Err(_) => false,
     }
 }
 

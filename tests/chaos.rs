@@ -831,7 +831,7 @@ async fn apply_fault(env: &Arc<Env>, s: &Schedule, runners: &[Arc<Runner>], f: &
             }
             let mut ann = json!({"statelock.dev/force-unlock": id});
             if live {
-                ann["statelock.dev/force-unlock-live"] = json!("true");
+                ann["statelock.dev/force-unlock-live"] = json!(id);
             }
             let _ = locks.patch(&lock_name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": ann}}))).await;
         }

@@ -426,7 +426,7 @@ async fn manual_unlock_checks_the_id_and_refuses_a_live_holder_unless_told() {
     wait_event(&e.cluster, "UnlockRefused").await;
     assert_eq!(lock_item(&e.db).await.as_deref(), Some(info.as_str()), "a live holder is not released without the override");
 
-    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id, "statelock.dev/force-unlock-live": "true"})).await;
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id, "statelock.dev/force-unlock-live": id})).await;
     wait_event(&e.cluster, "ForceUnlocked").await;
     assert_eq!(lock_item(&e.db).await, None, "released through the conditional delete (even in Observe mode: a person asked)");
     e.op.stop().await;
@@ -635,7 +635,7 @@ async fn manual_unlock_of_an_unknown_holder_needs_the_override() {
         (lock_status(&e.cluster).await.release.map(|r| r.reason).as_deref() == Some("UnlockRefused")).then_some(())
     })
     .await;
-    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id, "statelock.dev/force-unlock-live": "true"})).await;
+    annotate(&e.cluster, json!({"statelock.dev/force-unlock": id, "statelock.dev/force-unlock-live": id})).await;
     wait_event(&e.cluster, "ForceUnlocked").await;
     assert_eq!(lock_item(&e.db).await, None);
     e.op.stop().await;
@@ -817,7 +817,7 @@ async fn a_newer_force_unlock_request_is_never_removed_with_the_one_handled() {
     // 1. A newer request (same lock ID, now live, another token) arrives after the read: it stays whole.
     let read = create("newer", json!({"team": "infra", ID: "id-1", TOKEN: "t-1"})).await;
     locks
-        .patch("newer", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {LIVE: "true", TOKEN: "t-2"}}})))
+        .patch("newer", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {LIVE: "id-1", TOKEN: "t-2"}}})))
         .await
         .expect("newer request");
     assert!(!consume(read).await, "the older request is not removed");
@@ -825,7 +825,7 @@ async fn a_newer_force_unlock_request_is_never_removed_with_the_one_handled() {
         annotations("newer").await,
         pairs(&[
             ("statelock.dev/force-unlock", "id-1"),
-            ("statelock.dev/force-unlock-live", "true"),
+            ("statelock.dev/force-unlock-live", "id-1"),
             ("statelock.dev/force-unlock-request", "t-2"),
             ("team", "infra")
         ])
@@ -839,7 +839,7 @@ async fn a_newer_force_unlock_request_is_never_removed_with_the_one_handled() {
 
     // 2. A live request is overwritten meanwhile by one without the override (kubectl annotate
     //    --overwrite of the ID alone): the override read goes, the new request stays without it.
-    let read = create("overwritten", json!({ID: "id-1", LIVE: "true"})).await;
+    let read = create("overwritten", json!({ID: "id-1", LIVE: "id-1"})).await;
     locks
         .patch("overwritten", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {ID: "id-2"}}})))
         .await

@@ -150,7 +150,7 @@ pub fn decide(i: &Input<'_>) -> Decision {
 /// The message of a refused unlock request (status and event).
 pub fn refused_message(v: &Verdict) -> String {
     format!(
-        "the holder is {:?} ({}); only a Dead or External holder is released on request, set {FORCE_UNLOCK_LIVE_ANNOTATION}=\"true\" as well to release it anyway",
+        "the holder is {:?} ({}); only a Dead or External holder is released on request, set {FORCE_UNLOCK_LIVE_ANNOTATION} to the same lock ID as well to release it anyway",
         v.state, v.message
     )
 }

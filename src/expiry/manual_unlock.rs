@@ -2,7 +2,9 @@
 //!
 //! `statelock.dev/force-unlock: <lock ID>` asks statelock to release the lock through the same
 //! conditional delete as expiry. The ID must match the lock item as a strongly consistent read
-//! returns it (as with `terraform force-unlock`). Without `statelock.dev/force-unlock-live: "true"`
+//! returns it (as with `terraform force-unlock`). Without `statelock.dev/force-unlock-live: <the same
+//! lock ID>` (the override names the lock it is for, so that it never carries over to another
+//! request: an override for one lock ID does nothing for a request naming another)
 //! only a Dead holder (judged from the authorities) or an External one (outside the cluster: the
 //! person decides, as with `terraform force-unlock`) is released; Alive, Unknown and Ambiguous
 //! holders need the override. The request is
@@ -50,7 +52,7 @@ pub fn decide(requested: &str, lock_id: Option<&str>, holder: HolderState, live_
         return UnlockDecision::WrongId { requested: requested.to_owned(), actual: lock_id.map(str::to_owned) };
     }
     let needs_override = !matches!(holder, HolderState::Dead | HolderState::External);
-    if needs_override && live_override.map(str::trim) != Some("true") {
+    if needs_override && live_override.map(str::trim) != Some(requested.trim()) {
         return UnlockDecision::RefusedLiveHolder;
     }
     UnlockDecision::Release
@@ -68,11 +70,15 @@ mod tests {
         assert_eq!(decide(right, id, HolderState::External, None), UnlockDecision::Release);
         assert_eq!(decide(right, id, HolderState::Unknown, None), UnlockDecision::RefusedLiveHolder);
         assert_eq!(decide(right, id, HolderState::Ambiguous, None), UnlockDecision::RefusedLiveHolder);
-        assert_eq!(decide(right, id, HolderState::Unknown, Some("true")), UnlockDecision::Release);
-        assert_eq!(decide(right, id, HolderState::Ambiguous, Some("true")), UnlockDecision::Release);
+        assert_eq!(decide(right, id, HolderState::Unknown, Some(right)), UnlockDecision::Release);
+        assert_eq!(decide(right, id, HolderState::Ambiguous, Some(right)), UnlockDecision::Release);
         assert_eq!(decide(right, id, HolderState::Alive, None), UnlockDecision::RefusedLiveHolder);
         assert_eq!(decide(right, id, HolderState::Alive, Some("false")), UnlockDecision::RefusedLiveHolder);
-        assert_eq!(decide(right, id, HolderState::Alive, Some("true")), UnlockDecision::Release);
+        assert_eq!(decide(right, id, HolderState::Alive, Some(right)), UnlockDecision::Release);
+        // An override names the lock it is for: one for another lock ID (or a bare "true", which
+        // names none) does nothing.
+        assert_eq!(decide(right, id, HolderState::Alive, Some("true")), UnlockDecision::RefusedLiveHolder);
+        assert_eq!(decide(right, id, HolderState::Alive, Some("99999999-0dcf-0332-cbb0-ed1b3daf868d")), UnlockDecision::RefusedLiveHolder);
         assert!(matches!(decide("0000", id, HolderState::Dead, Some("true")), UnlockDecision::WrongId { .. }));
         assert!(
             matches!(decide(right, None, HolderState::Dead, None), UnlockDecision::WrongId { .. }),

@@ -488,6 +488,9 @@ struct SourceState {
     /// Event mode: why the bucket's notification configuration could not be read (said in the
     /// Ready condition; event mode stays on).
     events_unverified: Option<String>,
+    /// The bucket's endpoint was found to ignore `If-Match` on DeleteObject (said in the Ready
+    /// condition: no lock file is released there).
+    if_match_refused: bool,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
     /// When the table's current stream ARN was last compared with the one followed.
@@ -662,7 +665,15 @@ fn observe_pass(ctx: &Context, source: &LockSource, state: &SourceState, started
 async fn report(ctx: &Context, source: &LockSource, state: &mut SourceState, result: &Result<PassSummary, SyncError>) {
     let status = match result {
         Ok(pass) => {
-            let what = format!("read {} items ({} locks) in {} pages", pass.items, pass.locks, pass.pages);
+            let mut what = format!("read {} items ({} locks) in {} pages", pass.items, pass.locks, pass.pages);
+            if let Some(why) = &state.events_unverified {
+                what.push_str(&format!(
+                    "; following the lock files' events, but the bucket's notification configuration could not be checked ({why}): grant s3:GetBucketNotification so that a bucket that does not send them is found out"
+                ));
+            }
+            if state.if_match_refused {
+                what.push_str("; the bucket's endpoint ignores If-Match on DeleteObject, so statelock releases no lock file there (expiry and manual unlock of lock files are refused)");
+            }
             match &state.stream_refused_until {
                 Some((_, why)) if state.mode == Some(SyncMode::Scan) => ready_status(
                     source,
@@ -684,19 +695,7 @@ async fn report(ctx: &Context, source: &LockSource, state: &mut SourceState, res
                         ),
                         Some(pass.locks),
                     ),
-                    _ => match &state.events_unverified {
-                        Some(why) => ready_status(
-                            source,
-                            state.mode,
-                            true,
-                            "Synced",
-                            format!(
-                                "{what}; following the lock files' events, but the bucket's notification configuration could not be checked ({why}): grant s3:GetBucketNotification so that a bucket that does not send them is found out"
-                            ),
-                            Some(pass.locks),
-                        ),
-                        None => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
-                    },
+                    _ => ready_status(source, state.mode, true, "Synced", what, Some(pass.locks)),
                 },
             }
         }
@@ -756,8 +755,9 @@ async fn follow(
             }
             news = events::next(queue) => {
                 take_events(ctx, source, state, news).await;
-                // Events never hold the stream back: it is polled when its time has come.
-                if last_poll.elapsed() < idle_poll {
+                // Events never hold the stream back (it is polled when its time has come), nor
+                // hurry it while it backs off from trouble.
+                if last_poll.elapsed() < trouble.unwrap_or(idle_poll) {
                     continue;
                 }
             }
@@ -931,6 +931,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
                 if files.events.is_some() {
                     events::check_configuration(ctx, source, state).await;
                 }
+                probe_if_match(ctx, source, state, files, &clients).await;
             }
             // Without a first listing there is no picture of the lock files to write from.
             Err(e) if source.spec.dynamodb.is_none() || !state.files_listed => return Err(e),
@@ -1122,6 +1123,20 @@ async fn refresh_files(
     state.files = next;
     state.files_listed = true;
     Ok(())
+}
+
+/// Find out once per set of clients, off the release path, whether the bucket's endpoint honours
+/// `If-Match` on DeleteObject (the release asks the same cell, so it never probes again); a probe
+/// that fails is tried again after the next listing.
+async fn probe_if_match(ctx: &Context, source: &LockSource, state: &mut SourceState, files: &crate::crd::S3LockFiles, clients: &SourceSdk) {
+    let Some(client) = &clients.s3 else { return };
+    if clients.s3_if_match.get().is_none() {
+        count_s3(ctx, source, "DELETE", 2);
+        if let Err(e) = clients.s3_if_match.get_or_try_init(|| s3::honours_if_match(client, &files.bucket, &files.prefix)).await {
+            warn!(error = %e, "could not check whether the bucket's endpoint honours If-Match; checked again before a release");
+        }
+    }
+    state.if_match_refused = clients.s3_if_match.get() == Some(&false);
 }
 
 /// Count S3 requests as S3 bills them (`LIST`, `GET`, `DELETE`).

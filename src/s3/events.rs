@@ -19,6 +19,8 @@ use super::{LOCK_SUFFIX, S3Error, category_of, message_of};
 pub const LONG_POLL: Duration = Duration::from_secs(20);
 /// The most messages one ReceiveMessage returns (SQS allows 10).
 const BATCH: i32 = 10;
+/// The most records a message may hold (S3 sends one): a batch names at most 100 lock files.
+const MAX_RECORDS: usize = 10;
 
 /// A received message: the lock files it names, and its receipt handle (to delete it once
 /// handled).
@@ -226,6 +228,10 @@ pub fn lock_files_named(body: &str, bucket: &str, prefix: &str) -> Option<Vec<St
         return Some(Vec::new());
     }
     let n: Notification = serde_json::from_str(&body).ok()?;
+    // S3 sends one record per message; a message naming more is not S3's.
+    if n.records.len() > MAX_RECORDS {
+        return None;
+    }
     let mut keys: Vec<String> = Vec::new();
     for r in n.records {
         if r.s3.bucket.name != bucket {
@@ -307,6 +313,10 @@ mod tests {
         for bad in ["", "not json", "{}", r#"{"Records": "x"}"#, r#"{"Records": [{"s3": {}}]}"#, "[1,2]", &"{".repeat(100_000)] {
             assert_eq!(lock_files_named(bad, "tfstate", ""), None, "{:?}", &bad[..bad.len().min(40)]);
         }
+        // A message with more records than S3 ever sends in one is not S3's.
+        let many: Vec<String> = (0..11).map(|i| format!("k{i}.tflock")).collect();
+        let many = notification("tfstate", &many.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(lock_files_named(&many, "tfstate", ""), None);
         // A broken escape or a key that does not decode to UTF-8 names nothing, and nothing else is lost.
         let body = notification("tfstate", &["bad%zz.tflock", "bad%ff.tflock", "good.tflock"]);
         assert_eq!(lock_files_named(&body, "tfstate", "").expect("a notification"), vec!["good.tflock"]);

@@ -196,20 +196,26 @@ fn grace_period_observe_manual_unlock_and_requeue_rules() {
             ..row("unlocking a live holder needs the override", verdict(HolderState::Alive, Reason::PodRunning))
         },
         Row {
-            unlock: Some((ID, Some("true"))),
+            unlock: Some((ID, Some(ID))),
             unlock_released: true,
             unlock_step: Some(UnlockStep::Release),
             phase: LockPhase::Released,
-            ..row("with the override a live holder's lock is released", verdict(HolderState::Alive, Reason::PodRunning))
+            ..row("with the override naming the lock a live holder's lock is released", verdict(HolderState::Alive, Reason::PodRunning))
         },
         Row {
             unlock: Some((ID, Some("true"))),
+            unlock_step: Some(UnlockStep::RefusedLiveHolder),
+            blocked: Some("UnlockRefused"),
+            ..row("an override that does not name the lock (\"true\") does nothing", verdict(HolderState::Alive, Reason::PodRunning))
+        },
+        Row {
+            unlock: Some((ID, Some(ID))),
             unlock_released: false,
             unlock_step: Some(UnlockStep::Release),
             ..row("an unlock whose item changed releases nothing", verdict(HolderState::Alive, Reason::PodRunning))
         },
         Row {
-            unlock: Some(("0000", Some("true"))),
+            unlock: Some(("0000", Some("0000"))),
             unlock_step: Some(UnlockStep::WrongId { requested: "0000".into(), actual: Some(ID.into()) }),
             ..row("a wrong ID releases nothing", verdict(HolderState::Alive, Reason::PodRunning))
         },
