@@ -106,7 +106,8 @@ pub async fn run(cli: PluginCli) -> Result<String, PluginError> {
     match cli.command {
         PluginCommand::List => list(&client, (!cli.all_namespaces).then_some(ns.as_str())).await,
         PluginCommand::Why { name } => why(&client, &ns, &name).await,
-        PluginCommand::Unlock { name, lock_id, live, timeout } => unlock(&client, &ns, &name, &lock_id, live, timeout).await,
+        // The operator compares IDs trimmed: so does the plugin, in what it sets and what it checks.
+        PluginCommand::Unlock { name, lock_id, live, timeout } => unlock(&client, &ns, &name, lock_id.trim(), live, timeout).await,
     }
 }
 

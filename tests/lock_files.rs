@@ -112,10 +112,23 @@ fn workdir(e: &Env, tf: &Terraform, name: &str, key: &str, table: Option<&str>) 
     dir
 }
 
+/// How runner A's pod shows that A is dead.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    PodDeleted,
+    PodFailed,
+    ContainerRestarted,
+}
+
 /// Runner A (pod atlantis-0) holds the lock at its approval prompt and is killed with SIGKILL;
 /// its pod is then deleted. The lock (file, and item with a table) is released on that evidence,
 /// exactly once, and runner B (pod atlantis-1) applies with locking on.
 async fn sigkill_then_pod_deleted(tf: Terraform, with_table: bool, workspace: Option<&str>) {
+    sigkill_then(tf, with_table, workspace, Death::PodDeleted).await;
+}
+
+/// [`sigkill_then_pod_deleted`] with the evidence `death`.
+async fn sigkill_then(tf: Terraform, with_table: bool, workspace: Option<&str>, death: Death) {
     let e = env(with_table, "").await;
     runner_pod(&e.cluster, "atlantis-0").await;
     runner_pod(&e.cluster, "atlantis-1").await;
@@ -169,7 +182,27 @@ async fn sigkill_then_pod_deleted(tf: Terraform, with_table: bool, workspace: Op
     assert!(!blocked.status.success(), "B must be blocked while A's lock stands");
     assert_eq!(lock_file(&e.s3, &file_key).await.as_deref(), Some(held.as_str()), "a stale lock whose pod lives is kept");
 
-    Api::<Pod>::namespaced(e.cluster.client(), RUNNERS).delete("atlantis-0", &DeleteParams::default()).await.expect("delete pod");
+    let pods = Api::<Pod>::namespaced(e.cluster.client(), RUNNERS);
+    match death {
+        Death::PodDeleted => pods.delete("atlantis-0", &DeleteParams::default()).await.map(|_| ()).expect("delete pod"),
+        Death::PodFailed => pods
+            .patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Failed"}})))
+            .await
+            .map(|_| ())
+            .expect("fail pod"),
+        Death::ContainerRestarted => {
+            // A restart counts only once the lock is older than the skew tolerance (2 s here).
+            let created = lock.spec.lock_info.created.clone().unwrap_or_default();
+            let created = created.parse::<k8s_openapi::jiff::Timestamp>().expect("created");
+            eventually(Duration::from_secs(15), "the lock to be older than the skew tolerance", || async {
+                (k8s_openapi::jiff::Timestamp::now().duration_since(created).as_secs() > 3).then_some(())
+            })
+            .await;
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let status = json!({"status": {"containerStatuses": [{"name": "atlantis", "ready": true, "restartCount": 1, "image": "atlantis", "imageID": "", "state": {"running": {"startedAt": now}}}]}});
+            pods.patch_status("atlantis-0", &PatchParams::default(), &Patch::Merge(status)).await.expect("restart");
+        }
+    }
     eventually(Duration::from_secs(30), "the lock file released", || async { lock_file(&e.s3, &file_key).await.is_none().then_some(()) })
         .await;
     if with_table {
@@ -184,7 +217,12 @@ async fn sigkill_then_pod_deleted(tf: Terraform, with_table: bool, workspace: Op
     })
     .await;
     let (_, note) = events.iter().find(|(r, _)| r == "LockExpired").expect("LockExpired");
-    assert!(note.contains("no longer exists"), "the release rests on the pod's deletion: {note}");
+    let expected = match death {
+        Death::PodDeleted => "no longer exists",
+        Death::PodFailed => "has phase Failed",
+        Death::ContainerRestarted => "started",
+    };
+    assert!(note.contains(expected), "{death:?}: the release rests on that evidence: {note}");
     if with_table {
         assert!(note.contains("lock file and DynamoDB item released"), "both parts named: {note}");
     }
@@ -207,6 +245,16 @@ async fn terraform_1_11_plus_lock_file_is_released_when_its_pod_is_deleted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn terraform_1_15_lock_file_in_a_workspace_is_released_when_its_pod_is_deleted() {
     sigkill_then_pod_deleted(Terraform::v1_15(), false, Some("staging")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_11_plus_lock_file_is_released_when_its_pod_failed() {
+    sigkill_then(Terraform::modern(), false, None, Death::PodFailed).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_11_plus_lock_file_is_released_when_its_container_restarted() {
+    sigkill_then(Terraform::modern(), false, None, Death::ContainerRestarted).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

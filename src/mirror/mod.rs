@@ -491,6 +491,9 @@ struct SourceState {
     /// The bucket's endpoint was found to ignore `If-Match` on DeleteObject (said in the Ready
     /// condition: no lock file is released there).
     if_match_refused: bool,
+    /// The If-Match probe was tried with the current clients (tried once; a probe that failed
+    /// is made again by the first release).
+    if_match_probed: bool,
     /// Items a KEYS_ONLY stream named that could not be read yet.
     unread: std::collections::BTreeSet<String>,
     /// When the table's current stream ARN was last compared with the one followed.
@@ -913,6 +916,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
             info!("the LockSource's AWS clients changed (spec or credentials); reopening the stream");
         }
         state.clients = Some(clients.clone());
+        state.if_match_probed = false;
         state.stream = None;
         state.scanned = false;
     }
@@ -1126,14 +1130,18 @@ async fn refresh_files(
 }
 
 /// Find out once per set of clients, off the release path, whether the bucket's endpoint honours
-/// `If-Match` on DeleteObject (the release asks the same cell, so it never probes again); a probe
-/// that fails is tried again after the next listing.
+/// `If-Match` on DeleteObject (the release asks the same cell, so it never probes again). A probe
+/// that fails is not repeated here: the first release tries again. (On a versioned bucket each
+/// probe leaves a delete marker on a random key that never existed.)
 async fn probe_if_match(ctx: &Context, source: &LockSource, state: &mut SourceState, files: &crate::crd::S3LockFiles, clients: &SourceSdk) {
     let Some(client) = &clients.s3 else { return };
-    if clients.s3_if_match.get().is_none() {
-        count_s3(ctx, source, "DELETE", 2);
-        if let Err(e) = clients.s3_if_match.get_or_try_init(|| s3::honours_if_match(client, &files.bucket, &files.prefix)).await {
-            warn!(error = %e, "could not check whether the bucket's endpoint honours If-Match; checked again before a release");
+    if clients.s3_if_match.get().is_none() && !state.if_match_probed {
+        state.if_match_probed = true;
+        let probed = clients.s3_if_match.get_or_try_init(|| s3::honours_if_match(client, &files.bucket, &files.prefix)).await;
+        // Two DELETEs when the first succeeded, one when it failed.
+        count_s3(ctx, source, "DELETE", if probed.is_ok() { 2 } else { 1 });
+        if let Err(e) = probed {
+            warn!(error = %e, "could not check whether the bucket's endpoint honours If-Match; the first release checks again");
         }
     }
     state.if_match_refused = clients.s3_if_match.get() == Some(&false);
