@@ -96,7 +96,7 @@ impl SourceClients {
         let sqs = match source.spec.s3.as_ref().and_then(|s| s.events.as_ref().map(|e| (s, e))) {
             Some((s, events)) => {
                 let c = sdk_config(&s.region, events.endpoint(), creds.s3.clone()).await;
-                Some(aws_sdk_sqs::Client::new(&c))
+                Some(crate::s3::events::queue_client(&c))
             }
             None => None,
         };

@@ -22,6 +22,17 @@ const BATCH: i32 = 10;
 /// The most records a message may hold (S3 sends one): a batch names at most 100 lock files.
 const MAX_RECORDS: usize = 10;
 
+/// The SQS client for a queue: the SDK configuration `config`, with an attempt timeout longer
+/// than a long poll (the configuration's own, 10 s, would cut every quiet long poll short and
+/// turn a quiet queue into an error).
+pub fn queue_client(config: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
+    let timeouts = aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(LONG_POLL + Duration::from_secs(10))
+        .build();
+    aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(config).timeout_config(timeouts).build())
+}
+
 /// A received message: the lock files it names, and its receipt handle (to delete it once
 /// handled).
 #[derive(Debug)]
@@ -365,5 +376,13 @@ mod tests {
         ] {
             assert!(matches!(delivery(&rules, "", url), Delivery::Missing(_)), "{why}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_is_never_cut_short_by_the_attempt_timeout() {
+        let config = crate::dynamo::sdk_config("us-east-1", Some("http://127.0.0.1:1"), None).await;
+        let client = queue_client(&config);
+        let attempt = client.config().timeout_config().and_then(|t| t.operation_attempt_timeout()).expect("an attempt timeout");
+        assert!(attempt > LONG_POLL, "{attempt:?} must outlast a {LONG_POLL:?} long poll");
     }
 }
