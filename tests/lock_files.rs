@@ -262,6 +262,11 @@ async fn terraform_with_lock_file_and_dynamodb_is_one_state_lock_and_both_parts_
     sigkill_then_pod_deleted(Terraform::modern(), true, None).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn terraform_1_15_with_lock_file_and_dynamodb_releases_both_parts() {
+    sigkill_then_pod_deleted(Terraform::v1_15(), true, None).await;
+}
+
 /// A lock file re-taken between the judgement (the ETag read) and the delete survives: the
 /// delete is conditioned on the ETag judged.
 #[tokio::test(flavor = "multi_thread")]
