@@ -1,4 +1,4 @@
-//! The command line: `statelock crds`, `statelock run` and `statelock sandbox`. Every flag can also be set through a
+//! The command line: `statelock crds`, `statelock run`, `statelock apply-lock-source` and `statelock sandbox`. Every flag can also be set through a
 //! `STATELOCK_*` environment variable, which is how the Helm chart configures the operator.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -22,6 +22,9 @@ pub enum Command {
     Crds(CrdsArgs),
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
     Run(RunArgs),
+    /// Create a LockSource, or set an existing one's spec to the one given, keeping its identity
+    /// (the Helm chart's post-install/post-upgrade hook for `defaultLockSource`).
+    ApplyLockSource(ApplyLockSourceArgs),
     /// Start everything on this machine: a Kubernetes API emulator with the CRDs, the operator,
     /// the gateway on in-memory lock tables and an in-memory S3; prints what to run next.
     #[cfg(feature = "sandbox")]
@@ -42,6 +45,18 @@ pub struct SandboxArgs {
     /// The Terraform binary (for the demo, and to print a backend block that fits it).
     #[arg(long, env = "STATELOCK_TERRAFORM", default_value = "terraform")]
     pub terraform: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyLockSourceArgs {
+    /// The LockSource manifest, as YAML or JSON; its namespace defaults to the client's.
+    #[arg(long, env = "STATELOCK_LOCK_SOURCE")]
+    pub manifest: String,
+
+    /// How long to keep trying while the LockSource API is not served yet (a fresh install's
+    /// CRD is being established) or the API server answers with errors.
+    #[arg(long, env = "STATELOCK_APPLY_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Logging options.

@@ -6,6 +6,7 @@
 //!
 //! Layout (dependencies point inward):
 //! - [`app`] wires everything together: clients, shutdown, servers. Nothing else reaches across.
+//! - [`apply`] is the chart's hook that creates or updates the default LockSource.
 //! - [`admin`] serves `/livez`, `/readyz` and `/metrics` ([`metrics`]).
 //! - [`leader`] elects the one replica that mirrors, expires and writes.
 //! - [`cluster`] holds the shared watches: one LockSource, one StateLock and one (trimmed,
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod apply;
 pub mod cli;
 pub mod cluster;
 pub mod crd;

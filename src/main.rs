@@ -45,6 +45,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => block_on(statelock::app::run(args)),
+        Command::ApplyLockSource(args) => block_on(statelock::apply::apply_lock_source(args)),
         #[cfg(feature = "sandbox")]
         Command::Sandbox(args) => block_on(statelock::sandbox::run(args)),
     }

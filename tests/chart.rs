@@ -81,13 +81,25 @@ fn validate(text: &str, docs: &[Value], dir: &Path) {
     let builtin =
         docs.iter().filter(|d| !matches!(d["apiVersion"].as_str(), Some("statelock.dev/v1alpha1" | "monitoring.coreos.com/v1"))).count();
     assert_eq!(report.matches("passed for resource").count(), builtin, "every built-in object validated: {report}");
-    for ls in of_kind(docs, "LockSource") {
+    for ls in &default_lock_sources(docs) {
         let crd = statelock::crd::all().into_iter().find(|c| c.spec.names.kind == "LockSource").expect("LockSource CRD");
         let schema = serde_json::to_value(&crd.spec.versions[0].schema.as_ref().expect("schema").open_api_v3_schema).expect("schema");
         let validator = jsonschema::validator_for(&schema).expect("schema compiles");
         let errors: Vec<String> = validator.iter_errors(ls).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "LockSource from values: {errors:?}");
     }
+}
+
+/// The LockSources the chart's hook Jobs apply (`statelock apply-lock-source`).
+fn default_lock_sources(docs: &[Value]) -> Vec<Value> {
+    of_kind(docs, "Job")
+        .into_iter()
+        .filter_map(|job| {
+            let env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array()?;
+            let manifest = env.iter().find(|e| e["name"] == "STATELOCK_LOCK_SOURCE")?["value"].as_str()?;
+            Some(serde_json::from_str(manifest).expect("the hook's LockSource is JSON"))
+        })
+        .collect()
 }
 
 fn lint(values: &Value) {
@@ -240,17 +252,33 @@ fn every_toggle_lints_renders_and_validates() {
             json!({"defaultLockSource": {"enabled": true, "spec": {"dynamodb": {"tableName": "tf-locks", "region": "eu-west-1"}, "expiry": {"mode": "Release"}}}}),
             vec![],
             |d| {
-                let ls = one(d, "LockSource");
+                // Not a resource of the release (a fresh install could not map it, and a hook
+                // resource would be re-created, with a new UID, on every upgrade): a hook Job
+                // applies it after the CRDs exist.
+                assert!(of_kind(d, "LockSource").is_empty());
+                let ls = &default_lock_sources(d)[0];
                 assert_eq!(ls["spec"]["dynamodb"]["tableName"], "tf-locks");
-                // Applied after the CRDs of a fresh install exist.
-                assert_eq!(ls["metadata"]["annotations"]["helm.sh/hook"], "post-install,post-upgrade");
+                assert_eq!(ls["metadata"]["namespace"], NAMESPACE);
+                let job = one(d, "Job");
+                assert_eq!(job["metadata"]["annotations"]["helm.sh/hook"], "post-install,post-upgrade");
+                let pod = &job["spec"]["template"];
+                assert_eq!(pod["spec"]["containers"][0]["args"], json!(["apply-lock-source"]));
+                assert_eq!(pod["spec"]["serviceAccountName"], "sl-statelock-locksource", "the hook's own identity");
+                assert_eq!(pod["metadata"]["annotations"]["sidecar.istio.io/inject"], "false", "no sidecar to keep the Job running");
+                // The hook pod is not one of the operator's: no Service, PDB or NetworkPolicy selects it.
+                let selector = &one(d, "Deployment")["spec"]["selector"]["matchLabels"];
+                let labels = &pod["metadata"]["labels"];
+                assert!(
+                    selector.as_object().expect("selector").iter().any(|(k, v)| &labels[k] != v),
+                    "{labels} is not selected by {selector}"
+                );
             },
         ),
         (
             "default LockSource on lock files",
             json!({"defaultLockSource": {"enabled": true, "spec": {"s3": {"bucket": "tfstate", "region": "eu-west-1"}}}}),
             vec![],
-            |d| assert_eq!(one(d, "LockSource")["spec"]["s3"]["bucket"], "tfstate"),
+            |d| assert_eq!(default_lock_sources(d)[0]["spec"]["s3"]["bucket"], "tfstate"),
         ),
         (
             "overrides a platform team needs (subchart, OpenShift, a CA bundle, zones, a digest)",
@@ -363,7 +391,9 @@ fn rendered_rules(d: &[Value]) -> BTreeSet<(String, String, String, String)> {
         let labels = &role["metadata"]["labels"];
         let aggregated =
             ["view", "edit", "admin"].into_iter().find(|r| labels[format!("rbac.authorization.k8s.io/aggregate-to-{r}")] == "true");
+        let hook = role["metadata"]["annotations"]["helm.sh/hook"].is_string();
         let scope = match (role["kind"].as_str(), role["metadata"]["namespace"].as_str()) {
+            (_, Some(NAMESPACE)) if hook => "release namespace, install hook".to_owned(),
             (Some("ClusterRole"), _) if aggregated.is_some() => format!("users: {}", aggregated.unwrap_or_default()),
             (Some("ClusterRole"), _) => "cluster".to_owned(),
             (_, Some(NAMESPACE)) => "release namespace".to_owned(),
@@ -390,7 +420,11 @@ fn rendered_rules(d: &[Value]) -> BTreeSet<(String, String, String, String)> {
 
 #[test]
 fn the_charts_rbac_is_exactly_the_documented_table() {
-    let d = render(&json!({"rbac": {"secretNamespaces": ["team-a"], "secretNames": ["aws"]}}), &[]);
+    let d = render(
+        &json!({"rbac": {"secretNamespaces": ["team-a"], "secretNames": ["aws"]},
+                "defaultLockSource": {"enabled": true, "spec": {"dynamodb": {"tableName": "tf-locks", "region": "eu-west-1"}}}}),
+        &[],
+    );
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README");
     let table =
         readme.split("<!-- rbac:begin -->").nth(1).and_then(|t| t.split("<!-- rbac:end -->").next()).expect("the RBAC table in README.md");
@@ -399,7 +433,11 @@ fn the_charts_rbac_is_exactly_the_documented_table() {
         .filter(|l| l.starts_with('|') && !l.starts_with("|---") && !l.starts_with("| where"))
         .map(|l| {
             let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
-            let scope = if cells[0].contains("secretNamespaces") { "secret namespaces" } else { cells[0] };
+            let scope = match cells[0] {
+                c if c.contains("secretNamespaces") => "secret namespaces",
+                c if c.contains("defaultLockSource") => "release namespace, install hook",
+                c => c,
+            };
             let group = if cells[1] == "(core)" { "" } else { cells[1] };
             let resource = cells[2].split_whitespace().next().unwrap_or_default();
             (scope.to_owned(), group.to_owned(), resource.to_owned(), cells[3].to_owned())
@@ -407,7 +445,10 @@ fn the_charts_rbac_is_exactly_the_documented_table() {
         .collect();
     assert_eq!(rendered_rules(&d), documented, "the chart grants exactly what README.md documents");
     // The Lease rule that can be limited by name is; so is the Secret rule when names are given.
-    let lease_role = of_kind(&d, "Role").into_iter().find(|r| r["metadata"]["namespace"] == NAMESPACE).expect("Lease Role");
+    let lease_role = of_kind(&d, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["namespace"] == NAMESPACE && r["metadata"]["annotations"]["helm.sh/hook"].is_null())
+        .expect("Lease Role");
     let named = lease_role["rules"].as_array().expect("rules").iter().find(|r| r["verbs"] == json!(["get", "update"])).expect("get/update");
     assert_eq!(named["resourceNames"], json!(["sl-statelock"]));
 }
@@ -605,4 +646,120 @@ async fn a_full_cycle_as_the_charts_service_account_uses_every_permission_and_ne
         l.status
     );
     op.stop().await;
+}
+
+/// Stand in for the Job controller and the kubelet while `helm` runs: every hook Job the chart
+/// creates is run, with its container's arguments and environment, as the statelock binary with
+/// a token of the Job's ServiceAccount (so the hook's Role is what authorizes it), and its
+/// status is then set as the Job controller would. Returns helm's output once it exits.
+async fn helm_with_hook_jobs(cluster: &TestCluster, args: &[&str], tokens: &[(&str, &str)]) -> std::process::Output {
+    use futures::StreamExt;
+    use k8s_openapi::api::batch::v1::Job;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let child = tokio::process::Command::from(python_tool("python"))
+        .arg(repo_root().join("tests/fixtures/helm.py"))
+        .args(args)
+        .current_dir(repo_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python (bash .ci/install)");
+    let jobs: Api<Job> = Api::namespaced(cluster.client(), NAMESPACE);
+    let events = watcher(jobs.clone(), watcher::Config::default()).applied_objects();
+    futures::pin_mut!(events);
+    let mut ran = BTreeSet::new();
+    let mut helm_done = std::pin::pin!(async { child.wait_with_output().await.expect("helm") });
+    loop {
+        let job = tokio::select! {
+            out = &mut helm_done => return out,
+            job = events.next() => job.expect("the Job watch goes on").expect("Job watch"),
+        };
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        if job.status.is_some() || !ran.insert(uid) {
+            continue;
+        }
+        let pod = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod template");
+        let sa = pod.service_account_name.clone().unwrap_or_default();
+        let token = tokens.iter().find(|(s, _)| *s == sa).map(|(_, t)| *t).unwrap_or_else(|| panic!("no token for {sa}"));
+        let container = &pod.containers[0];
+        let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_statelock"));
+        run.args(container.args.iter().flatten()).env("KUBECONFIG", cluster.kubeconfig_for(token)).env_remove("STATELOCK_LOG");
+        for e in container.env.iter().flatten() {
+            run.env(&e.name, e.value.as_deref().unwrap_or_default());
+        }
+        let out = run.output().await.expect("the hook runs");
+        let name = job.metadata.name.clone().unwrap_or_default();
+        let condition = if out.status.success() { "Complete" } else { "Failed" };
+        assert!(out.status.success(), "hook Job {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let status = json!({"status": {"succeeded": 1, "conditions": [{"type": condition, "status": "True"}]}});
+        jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("Job status");
+    }
+}
+
+/// Real Helm (the Helm 4 engine) installs and upgrades the chart with a default LockSource into
+/// the emulator with RBAC on; the hook Job runs as its own ServiceAccount. The LockSource is
+/// created once, and an upgrade that changes its spec updates it in place: same UID, so the
+/// StateLocks it owns are not garbage-collected. The hook's identity is gone afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_then_upgrade_keeps_the_default_lock_source_and_its_state_locks() {
+    use statelock::crd::LockSource;
+    let hook_sa = "sl-statelock-locksource";
+    let cluster = TestCluster::start_rbac(&[("hook-token", User::service_account(NAMESPACE, hook_sa))]).await;
+    // client-go (Helm) never sends a bearer token over plain HTTP: Helm acts unauthenticated,
+    // bound here to a cluster-admin role. The hook acts with its ServiceAccount's token.
+    apply(
+        &cluster.client(),
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "helm-admin"},
+        "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}),
+    )
+    .await;
+    apply(
+        &cluster.client(),
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "helm-admin"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "helm-admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:unauthenticated"}]}),
+    )
+    .await;
+    let helm_kubeconfig = cluster.dir.path().join("helm-kubeconfig");
+    cluster.emulator.write_kubeconfig(&helm_kubeconfig, None).expect("kubeconfig");
+    let kubeconfig = helm_kubeconfig.to_str().expect("path");
+    let values = |mode: &str| {
+        json!({"defaultLockSource": {"enabled": true, "spec": {"dynamodb": {"tableName": "tf-locks", "region": "eu-west-1"}, "expiry": {"mode": mode}}}})
+            .to_string()
+    };
+    let tokens = [(hook_sa, "hook-token")];
+
+    let v1 = values("Observe");
+    let out = helm_with_hook_jobs(&cluster, &["install", CHART, RELEASE, NAMESPACE, &v1, kubeconfig], &tokens).await;
+    assert!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
+    let sources: Api<LockSource> = Api::namespaced(cluster.client(), NAMESPACE);
+    let installed = sources.get("terraform-locks").await.expect("the default LockSource exists after install");
+    let uid = installed.metadata.uid.clone().expect("uid");
+    assert_eq!(serde_json::to_value(&installed.spec).expect("spec")["expiry"]["mode"], "Observe");
+
+    // A StateLock the LockSource owns, as the mirror writes it.
+    let locks: Api<StateLock> = Api::namespaced(cluster.client(), NAMESPACE);
+    let lock: StateLock = serde_json::from_value(json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock",
+        "metadata": {"name": "held", "ownerReferences": [{"apiVersion": "statelock.dev/v1alpha1", "kind": "LockSource", "name": "terraform-locks", "uid": uid, "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"lockId": "tfstate/app/terraform.tfstate", "source": "terraform-locks"}}))
+    .expect("StateLock");
+    let lock_uid = locks.create(&Default::default(), &lock).await.expect("create StateLock").metadata.uid;
+
+    let v2 = values("Release");
+    let out = helm_with_hook_jobs(&cluster, &["upgrade", CHART, RELEASE, NAMESPACE, &v2, kubeconfig], &tokens).await;
+    assert!(out.status.success(), "helm upgrade: {}", String::from_utf8_lossy(&out.stderr));
+    let upgraded = sources.get("terraform-locks").await.expect("the default LockSource exists after upgrade");
+    assert_eq!(upgraded.metadata.uid.as_deref(), Some(uid.as_str()), "the upgrade updated the LockSource in place");
+    assert_eq!(serde_json::to_value(&upgraded.spec).expect("spec")["expiry"]["mode"], "Release", "the upgrade's spec is applied");
+    assert!(
+        upgraded.metadata.annotations.iter().flatten().all(|(k, _)| !k.starts_with("helm.sh/hook")),
+        "the LockSource is not a hook resource"
+    );
+    assert_eq!(locks.get("held").await.expect("the owned StateLock survives the upgrade").metadata.uid, lock_uid);
+
+    // The hook's identity and Job were deleted once they succeeded (hook-succeeded).
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(cluster.client(), NAMESPACE);
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(cluster.client(), NAMESPACE);
+    assert!(sas.get_opt(hook_sa).await.expect("get").is_none(), "the hook's ServiceAccount is deleted");
+    assert!(jobs.get_opt(hook_sa).await.expect("get").is_none(), "the hook Job is deleted");
 }

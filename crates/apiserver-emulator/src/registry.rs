@@ -155,6 +155,7 @@ fn builtins() -> Vec<Builtin> {
             generation: true,
             ..b("apps", "v1", "ReplicaSet", "replicasets", true)
         },
+        Builtin { categories: &["all"], status: true, generation: true, ..b("batch", "v1", "Job", "jobs", true) },
         b("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
         b("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true),
         b("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false),
