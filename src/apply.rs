@@ -9,7 +9,7 @@
 //! command runs in a hook Job instead: it creates the LockSource when there is none, and otherwise
 //! sets the existing one's spec to the one given, keeping its UID and with it every StateLock.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use kube::{
     Api, Client, ResourceExt,
@@ -91,7 +91,6 @@ pub async fn apply(client: &Client, namespace: &str, desired: &LockSource, timeo
     let name = desired.name_any();
     let params = PostParams { field_manager: Some(CHART_MANAGER.into()), ..PostParams::default() };
     let deadline = Instant::now() + timeout;
-    let refused = |source| ApplyError::Refused { namespace: namespace.to_owned(), name: name.clone(), source };
     loop {
         let attempt = match api.get_opt(&name).await {
             Ok(None) => {
@@ -110,7 +109,7 @@ pub async fn apply(client: &Client, namespace: &str, desired: &LockSource, timeo
         // is a race with another writer, or a create that lost to one: read again.
         let again = matches!(&err, kube::Error::Api(s) if s.code == 404) || ErrorCategory::of_kube(&err).is_transient();
         if !again {
-            return Err(refused(err));
+            return Err(ApplyError::Refused { namespace: namespace.to_owned(), name, source: err });
         }
         if Instant::now() >= deadline {
             return Err(ApplyError::TimedOut { namespace: namespace.to_owned(), name, timeout, last: err.to_string() });
@@ -139,12 +138,10 @@ fn fresh(desired: &LockSource, namespace: &str) -> LockSource {
 /// LockSource that earlier charts made a hook resource are dropped.
 fn updated(mut current: LockSource, desired: &LockSource) -> LockSource {
     current.spec = desired.spec.clone();
-    let labels: &mut BTreeMap<String, String> = current.metadata.labels.get_or_insert_default();
-    labels.extend(desired.metadata.labels.clone().unwrap_or_default());
-    if let Some(annotations) = current.metadata.annotations.as_mut() {
-        annotations.retain(|k, _| !k.starts_with("helm.sh/hook"));
-        annotations.extend(desired.metadata.annotations.clone().unwrap_or_default());
-    }
+    current.metadata.labels.get_or_insert_default().extend(desired.metadata.labels.clone().unwrap_or_default());
+    let annotations = current.metadata.annotations.get_or_insert_default();
+    annotations.retain(|k, _| !k.starts_with("helm.sh/hook"));
+    annotations.extend(desired.metadata.annotations.clone().unwrap_or_default());
     // The status subresource ignores a status sent to the main resource; sending none is plainer.
     current.status = None;
     current.metadata.managed_fields = None;
@@ -153,6 +150,8 @@ fn updated(mut current: LockSource, desired: &LockSource) -> LockSource {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     const MANIFEST: &str = "apiVersion: statelock.dev/v1alpha1\nkind: LockSource\nmetadata:\n  name: terraform-locks\n  labels: {team: platform}\nspec:\n  dynamodb: {tableName: tf-locks, region: eu-west-1}\n";
