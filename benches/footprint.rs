@@ -136,6 +136,8 @@ struct Stalled {
 struct Figures {
     ready_secs: f64,
     mirrored_secs: f64,
+    /// Until the expiry controller had judged every StateLock once.
+    judged_secs: Option<f64>,
     rss_steady: u64,
     rss_max: u64,
     cpu_per_1000_pod_events: f64,
@@ -338,7 +340,33 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mirrored_secs = started.elapsed().as_secs_f64();
-    eprintln!("{label}: Ready after {ready_secs:.2} s, {want} StateLocks after {mirrored_secs:.1} s; steady-state window {window:?}");
+    // Steady state begins once the expiry controller has judged every StateLock once (the first
+    // pass after a start): each then has a status.phase.
+    loop {
+        let mut judged = 0;
+        for s in 0..SOURCE_NAMESPACES {
+            let api: Api<StateLock> = Api::namespaced(setup.admin.clone(), &ns_name(s));
+            judged += api
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items
+                .iter()
+                .filter(|l| l.status.as_ref().is_some_and(|s| s.phase.is_some()))
+                .count();
+        }
+        if judged >= want {
+            break;
+        }
+        if started.elapsed() >= limit + Duration::from_secs(600) {
+            return Err(give_up(&mut child, "not every StateLock judged"));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let judged_secs = Some(started.elapsed().as_secs_f64());
+    eprintln!(
+        "{label}: Ready after {ready_secs:.2} s, {want} StateLocks after {mirrored_secs:.1} s, all judged after {judged_secs:.1?} s; steady-state window {window:?}"
+    );
 
     let (stop, pod_events) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let (cpu0, counts0) = (cpu_seconds(pid, ticks), operator_counts(&setup.emulator));
@@ -377,6 +405,7 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
     Ok(Figures {
         ready_secs,
         mirrored_secs,
+        judged_secs,
         rss_steady,
         rss_max: rss_max.max(rss_steady),
         cpu_per_1000_pod_events: (cpu1 - cpu0) / events.max(1) as f64 * 1000.0,
@@ -511,6 +540,13 @@ async fn main() {
         format!("{:.1} s", candidate.mirrored_secs),
         b.map(|b| format!("{:.1} s", b.mirrored_secs)),
         r(candidate.mirrored_secs, b.map(|b| b.mirrored_secs)),
+    );
+    let judged = |f: &Figures| f.judged_secs.map_or("-".to_owned(), |s| format!("{s:.1} s"));
+    row(
+        "start to every StateLock judged",
+        judged(&candidate),
+        b.map(judged),
+        candidate.judged_secs.and_then(|c| r(c, b.and_then(|b| b.judged_secs))),
     );
     row(
         "CPU per 1,000 pod events",

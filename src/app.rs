@@ -118,7 +118,7 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         (Leadership::always(), None)
     };
 
-    let reporter = Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) };
+    let reporter = reporter_of(&args);
     let recorder = Recorder::new(client.clone(), reporter.clone());
     let tenancy = Arc::new(crate::tenancy::TenancyPolicy {
         identity_namespaces: if args.aws_identity_namespaces.is_empty() {
@@ -136,14 +136,10 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         move |s: &crd::LockSource| all || tenancy.check(s).is_ok()
     };
     let (cluster, lock_triggers) = Cluster::start(&client, served, &shutdown);
-    let mirror_ctx = Arc::new(mirror::Context::new(
-        client.clone(),
-        recorder.clone(),
-        metrics.clone(),
-        leadership.clone(),
-        tenancy.clone(),
-        cluster.clone(),
-    ));
+    let mirror_ctx = Arc::new(
+        mirror::Context::new(client.clone(), recorder.clone(), metrics.clone(), leadership.clone(), tenancy.clone(), cluster.clone())
+            .with_reporter(reporter.clone()),
+    );
     let mirror = tokio::spawn(mirror::run(mirror_ctx, readiness.clone(), shutdown.clone()));
     tokio::spawn(fleet_gauges(cluster.clone(), metrics.clone(), leadership.clone(), shutdown.clone()));
     let expiry = tokio::spawn(expiry::controller::run(
@@ -199,6 +195,11 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
     Ok(())
 }
 
+/// Who this replica's events are reported as.
+fn reporter_of(args: &RunArgs) -> Reporter {
+    Reporter { controller: "statelock".into(), instance: Some(args.pod_name.clone()) }
+}
+
 /// How often the leader recounts the fleet gauges from the shared caches.
 const FLEET_GAUGES_EVERY: Duration = Duration::from_secs(10);
 
@@ -238,7 +239,11 @@ async fn start_gateway(
         GatewayBackend::Dynamodb => gateway::server::Backend::Forward,
         GatewayBackend::Memory => gateway::server::Backend::Memory(Arc::new(gateway::memory::MemoryTables::default())),
     };
-    let config = gateway::effects::EffectsConfig { waiter_timeout: args.gateway_waiter_timeout, ..Default::default() };
+    let config = gateway::effects::EffectsConfig {
+        waiter_timeout: args.gateway_waiter_timeout,
+        reporter: Some(reporter_of(args)),
+        ..Default::default()
+    };
     let caches = gateway::caches::Caches::new(cluster);
     let gw = gateway::server::Gateway::with_caches(client.clone(), caches, recorder, backend, metrics.clone(), config, tenancy);
     {

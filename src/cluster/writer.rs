@@ -83,12 +83,13 @@ impl LockWriter {
         self.api(&source.namespace().unwrap_or_default())
             .patch(name, &PatchParams::apply(reasons::MIRROR_MANAGER).force(), &Patch::Apply(&body))
             .await
+            .map(without_managed_fields)
     }
 
     /// Apply the status fields `manager` owns (`status` is the status object).
     pub async fn apply_status(&self, namespace: &str, name: &str, manager: &str, status: Value) -> kube::Result<StateLock> {
         let body = json!({"apiVersion": "statelock.dev/v1alpha1", "kind": "StateLock", "metadata": {"name": name}, "status": status});
-        self.api(namespace).patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await
+        self.api(namespace).patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await.map(without_managed_fields)
     }
 
     /// Remove the annotations `keys`, but only while each still has the value `lock` (as read)
@@ -130,9 +131,19 @@ impl LockWriter {
     }
 
     /// Publish an event about a StateLock (and the same on `also`, a pod it concerns); failures
-    /// are logged, never fatal.
+    /// are logged, never fatal. A lock's `LockAcquired` and `LockReleased` (each about one lock
+    /// instance, with a note of its own) are published as events of their own when the writer
+    /// has a reporter: through the recorder, a second one within minutes would only bump the
+    /// first one's count and hide its note, and the recorder would keep every one of them in
+    /// memory for six minutes (10,000 at a start over 10,000 locks).
     pub async fn publish(&self, lock: &StateLock, reason: &str, warning: bool, note: &str, also: Option<ObjectReference>) {
-        self.publish_on(&lock.object_ref(&()), reason, warning, note).await;
+        if let Some(reporter) = &self.reporter
+            && matches!(reason, reasons::LOCK_ACQUIRED | reasons::LOCK_RELEASED)
+        {
+            self.create_event(reporter, lock, reason, warning, note).await;
+        } else {
+            self.publish_on(&lock.object_ref(&()), reason, warning, note).await;
+        }
         if let Some(other) = also {
             self.publish_on(&other, reason, warning, note).await;
         }
@@ -156,9 +167,14 @@ impl LockWriter {
     /// of an earlier event with the same reason (the recorder keeps a series' first note, so a
     /// note that must be read, such as an answer to a request, needs its own event).
     pub async fn publish_new(&self, lock: &StateLock, reason: &str, warning: bool, note: &str) {
-        let Some(reporter) = &self.reporter else {
-            return self.publish(lock, reason, warning, note, None).await;
-        };
+        match &self.reporter {
+            Some(reporter) => self.create_event(reporter, lock, reason, warning, note).await,
+            None => self.publish_on(&lock.object_ref(&()), reason, warning, note).await,
+        }
+    }
+
+    /// A new event about `lock`, reported as `reporter`, created as it is (no series, no cache).
+    async fn create_event(&self, reporter: &Reporter, lock: &StateLock, reason: &str, warning: bool, note: &str) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let namespace = lock.namespace().unwrap_or_default();
         let event = k8s_openapi::api::events::v1::Event {
@@ -182,4 +198,12 @@ impl LockWriter {
             warn!(error = %e, reason, "failed to publish event");
         }
     }
+}
+
+/// A written StateLock as callers keep it (the mirror holds its recent writes until the cache
+/// shows them): without `managedFields`, which are most of a server-side-applied object's size
+/// and which nothing here reads.
+fn without_managed_fields(mut lock: StateLock) -> StateLock {
+    lock.metadata.managed_fields = None;
+    lock
 }

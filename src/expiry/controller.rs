@@ -17,7 +17,7 @@ use kube::{
     api::ListParams,
     runtime::{
         Controller,
-        controller::Action,
+        controller::{self, Action},
         events::{Recorder, Reporter},
         reflector::{ObjectRef, Store},
         watcher,
@@ -266,6 +266,7 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
                 .collect::<Vec<_>>()
         })
         .reconcile_all_on(futures::stream::select(gained, lagged))
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -281,6 +282,12 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
         })
         .await;
 }
+
+/// How many StateLocks are judged at once. Unbounded, a start (or a regained lead) over 10,000
+/// StateLocks opened hundreds of API connections at once, each keeping its buffers: the
+/// replica's memory peaked there and stayed. A reconcile is a few requests; a queue of them is
+/// worked off quickly, and a lock's own changes are never starved (the queue is deduplicated).
+const RECONCILE_CONCURRENCY: u16 = 64;
 
 fn error_policy(_: Arc<StateLock>, e: &ExpiryError, _: Arc<Context>) -> Action {
     let category = e.category();

@@ -50,6 +50,9 @@ pub struct EffectsConfig {
     pub waiter_timeout: Duration,
     /// Waiters listed per lock (more are counted in metrics but not listed).
     pub max_waiters_per_lock: usize,
+    /// Who the events are reported as: with it, a lock's `LockAcquired` and `LockReleased` are
+    /// events of their own (see [`LockWriter::publish`]); without it, all go through the recorder.
+    pub reporter: Option<kube::runtime::events::Reporter>,
 }
 
 impl Default for EffectsConfig {
@@ -60,6 +63,7 @@ impl Default for EffectsConfig {
             max_pending: 4096,
             waiter_timeout: Duration::from_secs(40),
             max_waiters_per_lock: 64,
+            reporter: None,
         }
     }
 }
@@ -128,7 +132,10 @@ fn key_of(source: &LockSource, lock_id: &str) -> Key {
 impl Effects {
     pub fn new(client: Client, recorder: Recorder, caches: Caches, metrics: &Metrics, config: EffectsConfig) -> Arc<Self> {
         Arc::new(Self {
-            writer: LockWriter::new(client.clone(), recorder, Writer::Gateway),
+            writer: match config.reporter.clone() {
+                Some(reporter) => LockWriter::new(client.clone(), recorder, Writer::Gateway).with_reporter(reporter),
+                None => LockWriter::new(client.clone(), recorder, Writer::Gateway),
+            },
             client,
             caches,
             metrics: metrics.gateway.clone(),

@@ -112,6 +112,13 @@ impl Context {
         }
     }
 
+    /// Report the mirror's events as `reporter` (the recorder's): a lock's `LockAcquired` and
+    /// `LockReleased` are then events of their own, never cached for a series.
+    pub fn with_reporter(mut self, reporter: kube::runtime::events::Reporter) -> Self {
+        self.writer = self.writer.with_reporter(reporter);
+        self
+    }
+
     fn add_read_units(&self, source: &LockSource, units: f64) {
         self.read_units_milli.fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
         self.metrics.locks.read_units.get_or_create(&source_labels(source)).inc_by(units);
