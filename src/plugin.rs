@@ -97,6 +97,12 @@ pub enum PluginError {
     NoAnswer(Duration, &'static str),
     #[error("statelock did not release the lock: {0}")]
     NotReleased(String),
+    #[error(
+        "StateLock {namespace}/{name} already has an unlock request pending (for lock ID {pending}); wait for its answer (kubectl get events -n {namespace} --field-selector regarding.name={name}), or remove it with: kubectl annotate statelock -n {namespace} {name} {FORCE_UNLOCK_ANNOTATION}-"
+    )]
+    RequestPending { namespace: String, name: String, pending: String },
+    #[error("StateLock {namespace}/{name} changed while the request was being made; nothing was requested, run the command again")]
+    Changed { namespace: String, name: String },
 }
 
 /// Run a plugin command; the text to print.
@@ -277,6 +283,14 @@ pub fn explain(lock: &StateLock, source: Option<&LockSource>, now: Timestamp) ->
 async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, timeout: Duration) -> Result<String, PluginError> {
     let lock = get_lock(client, ns, name).await?;
     let uid = lock.uid().unwrap_or_default();
+    // Someone else's request (the plugin's or a `kubectl annotate`) is never overwritten: its
+    // requester waits for its answer. The patch below is conditional on the object as read here,
+    // so a request made in between is not overwritten either.
+    let pending = |l: &StateLock| l.annotations().get(FORCE_UNLOCK_ANNOTATION).cloned();
+    let request_pending = |pending: String| PluginError::RequestPending { namespace: ns.to_owned(), name: name.to_owned(), pending };
+    if let Some(p) = pending(&lock) {
+        return Err(request_pending(p));
+    }
     // The request's token: every event answering this request begins with its mark, so that
     // another request's answer (someone else's, or an earlier one of ours) is never taken for it.
     // No clock is compared (this machine's may differ from the cluster's).
@@ -300,7 +314,18 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         FORCE_UNLOCK_REQUEST_ANNOTATION: token,
     });
     let api: Api<StateLock> = Api::namespaced(client.clone(), ns);
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": annotations}}))).await?;
+    let request = json!({"metadata": {"annotations": annotations, "resourceVersion": lock.resource_version()}});
+    match api.patch(name, &PatchParams::default(), &Patch::Merge(request)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let now = get_lock(client, ns, name).await?;
+            return Err(match pending(&now) {
+                Some(p) => request_pending(p),
+                None => PluginError::Changed { namespace: ns.to_owned(), name: name.to_owned() },
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut told: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {

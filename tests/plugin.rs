@@ -143,4 +143,18 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
     let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["why", "no-such-lock", "-n", NS]);
     assert!(!ok && err.contains("StateLock terraform/no-such-lock not found"), "{err}");
     op.stop().await;
+
+    // A request made with kubectl and not answered yet (the operator is stopped) is never
+    // overwritten by the plugin's: its requester is waiting for its answer.
+    let annotate = Command::new("kubectl")
+        .args(["annotate", "statelock", &live_name, "-n", NS, "statelock.dev/force-unlock=66666666-2222-3333-4444-555555555555"])
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+        .output()
+        .expect("kubectl");
+    assert!(annotate.status.success(), "{}", String::from_utf8_lossy(&annotate.stderr));
+    let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["unlock", &live_name, "77777777-2222-3333-4444-555555555555", "--live", "-n", NS]);
+    assert!(!ok && err.contains("already has an unlock request pending (for lock ID 66666666-2222-3333-4444-555555555555)"), "{err}");
+    let kept = Api::<StateLock>::namespaced(cluster.client(), NS).get(&live_name).await.expect("get").metadata.annotations.unwrap_or_default();
+    assert_eq!(kept.get("statelock.dev/force-unlock").map(String::as_str), Some("66666666-2222-3333-4444-555555555555"));
+    assert!(!kept.contains_key("statelock.dev/force-unlock-live"), "the pending request is not made live: {kept:?}");
 }
