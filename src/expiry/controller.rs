@@ -117,8 +117,8 @@ impl ExpiryError {
     }
 }
 
-fn hostname_of(lock: &StateLock) -> Option<String> {
-    lock.spec.lock_info.who.as_deref().and_then(|w| split_who(w).1).map(str::to_owned)
+fn hostname_of(lock: &StateLock) -> Option<&str> {
+    lock.spec.lock_info.who.as_deref().and_then(|w| split_who(w).1)
 }
 
 /// The lock as the StateLock spec shows it: a hint (users may edit the spec; the mirror restores it).
@@ -132,7 +132,7 @@ fn hint_facts(lock: &StateLock) -> LockFacts {
     } else {
         None
     };
-    LockFacts { created, hostname: hostname_of(lock), info_sha256: lock.spec.info_sha256.clone(), malformed }
+    LockFacts { created, hostname: hostname_of(lock).map(str::to_owned), info_sha256: lock.spec.info_sha256.clone(), malformed }
 }
 
 /// The lock as the strongly consistent read returned it: the authority.
@@ -254,7 +254,7 @@ pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) 
                 .state()
                 .into_iter()
                 .filter(|l| {
-                    hostname_of(l).is_some_and(|h| facts.host.yields(&h))
+                    hostname_of(l).is_some_and(|h| facts.host.yields(h))
                         || l.status.as_ref().is_some_and(|s| {
                             s.holder.as_ref().is_some_and(|h| {
                                 h.pod.as_deref().zip(h.namespace.as_deref()).is_some_and(|(p, n)| names_it(n, p))
@@ -811,7 +811,7 @@ async fn write_status(
         state: v.state,
         reason: v.reason.as_str().into(),
         message: Some(v.message.clone()),
-        hostname: hostname_of(lock),
+        hostname: hostname_of(lock).map(str::to_owned),
         identified_by: v.pod.as_ref().and(v.identified_by()),
         namespace: v.pod.as_ref().map(|p| p.namespace.clone()),
         pod: v.pod.as_ref().map(|p| p.name.clone()),

@@ -30,18 +30,14 @@ pub const MAX_HOSTNAME: usize = 63;
 impl HostnameSpec {
     /// The short hostname the kubelet gives the pod, or `None` for a host-network pod (whose
     /// hostname is its node's).
-    pub fn short_hostname(&self) -> Option<String> {
+    pub fn short_hostname(&self) -> Option<&str> {
         if self.host_network {
             return None;
         }
         let base = self.hostname.as_deref().unwrap_or(&self.name);
-        if base.len() <= MAX_HOSTNAME {
-            return Some(base.to_owned());
-        }
         // Names are ASCII (DNS-1123), but never slice inside a character of a hostile one.
-        let cut = crate::lock_record::truncate(base, MAX_HOSTNAME);
-        let trimmed = cut.trim_end_matches(['-', '.']);
-        (!trimmed.is_empty()).then(|| trimmed.to_owned())
+        let trimmed = if base.len() <= MAX_HOSTNAME { base } else { crate::lock_record::truncate(base, MAX_HOSTNAME).trim_end_matches(['-', '.']) };
+        (!trimmed.is_empty()).then_some(trimmed)
     }
 
     /// Whether a process in this pod would report `host` as its hostname.
@@ -50,8 +46,10 @@ impl HostnameSpec {
         match (&self.subdomain, self.set_hostname_as_fqdn) {
             (Some(sub), true) => {
                 // `<short>.<subdomain>.<namespace>.svc.<cluster domain>`
-                let prefix = format!("{short}.{sub}.{}.svc.", self.namespace);
-                host.strip_prefix(&prefix).is_some_and(|domain| !domain.is_empty() && !domain.starts_with('.') && !domain.ends_with('.'))
+                let domain = [short, sub.as_str(), self.namespace.as_str(), "svc"]
+                    .iter()
+                    .try_fold(host, |rest, label| rest.strip_prefix(label)?.strip_prefix('.'));
+                domain.is_some_and(|domain| !domain.is_empty() && !domain.starts_with('.') && !domain.ends_with('.'))
             }
             _ => host == short,
         }

@@ -329,7 +329,7 @@ fn holder_candidate(gw: &Arc<Gateway>, req: &Request, pod: Option<Arc<Pod>>) -> 
         facts.namespace(),
         facts.name(),
         crate::lock_record::truncate(who.as_deref().unwrap_or("none"), 256),
-        facts.host.short_hostname().unwrap_or_else(|| "the node's, host network".into())
+        facts.host.short_hostname().unwrap_or("the node's, host network")
     );
     warn!(%message, "gateway holder mismatch");
     let (recorder, pod_ref) = (gw.recorder.clone(), pod.object_ref(&()));

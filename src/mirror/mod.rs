@@ -86,7 +86,15 @@ pub struct Context {
     /// The shared caches: LockSources to follow, and the StateLocks that exist.
     pub cluster: Arc<Cluster>,
     writer: LockWriter,
+    /// StateLock writes in flight across every LockSource (see [`MAX_CONCURRENT_WRITES`]).
+    writes: tokio::sync::Semaphore,
 }
+
+/// How many StateLocks the mirror writes at once, over all its LockSources. Each LockSource
+/// writes its own one at a time, so without a bound a start over 100 LockSources made 100
+/// requests at once: kube's client speaks HTTP/1, so that is 100 connections, each keeping its
+/// buffers long after. The API server does not write faster for it either.
+const MAX_CONCURRENT_WRITES: usize = 16;
 
 impl Context {
     pub fn new(
@@ -109,6 +117,7 @@ impl Context {
             adopted: std::sync::Mutex::default(),
             cluster,
             writer,
+            writes: tokio::sync::Semaphore::new(MAX_CONCURRENT_WRITES),
         }
     }
 
@@ -127,6 +136,13 @@ impl Context {
     /// Fail unless this replica leads now; checked right before every write.
     fn ensure_leader(&self) -> Result<(), SyncError> {
         if self.leader.is_leader() { Ok(()) } else { Err(SyncError::NotLeader) }
+    }
+
+    /// A turn to write one StateLock (and its events); leadership is checked once it is granted.
+    async fn write_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SyncError> {
+        let turn = self.writes.acquire().await.expect("the mirror's write semaphore is never closed");
+        self.ensure_leader()?;
+        Ok(turn)
     }
 
     /// Table read capacity consumed so far.
@@ -1359,7 +1375,7 @@ async fn remove_one(
     r: &plan::Removal,
     written: &mut HashMap<String, Written>,
 ) -> Result<(), SyncError> {
-    ctx.ensure_leader()?;
+    let _turn = ctx.write_turn().await?;
     ctx.writer.delete(ns, &r.name, &r.uid).await.map_err(|error| SyncError::DeleteStateLock { name: r.name.clone(), error })?;
     written.insert(r.name.clone(), Written::Deleted { uid: r.uid.clone() });
     if let Some(h) = r.held_for_secs.filter(|h| *h >= 0) {
@@ -1381,7 +1397,7 @@ async fn upsert_one(
     now: Timestamp,
     written: &mut HashMap<String, Written>,
 ) -> Result<(), SyncError> {
-    ctx.ensure_leader()?;
+    let _turn = ctx.write_turn().await?;
     let mut obj = existing.iter().find(|e| e.name_any() == u.name).cloned();
     if u.write_spec {
         if obj.is_none()

@@ -39,7 +39,7 @@ fn established(p: &PodFacts, by: HolderIdentification) -> Established {
         name: p.name().into(),
         uid: p.uid.clone(),
         by,
-        hostname: p.host.short_hostname().unwrap_or_default(),
+        hostname: p.host.short_hostname().unwrap_or_default().to_owned(),
         info_sha256: SHA.into(),
         restarts: Some(0),
     }
@@ -315,7 +315,7 @@ fn holder_pod(shape: &HostShape, age: i128, started: i128, restarts: i32, termin
 fn who_host(p: &PodFacts) -> String {
     match (&p.host.subdomain, p.host.set_hostname_as_fqdn) {
         (Some(sub), true) => format!("{}.{sub}.{}.svc.cluster.local", p.host.short_hostname().unwrap_or_default(), p.namespace()),
-        _ => p.host.short_hostname().unwrap_or_default(),
+        _ => p.host.short_hostname().unwrap_or_default().to_owned(),
     }
 }
 
