@@ -32,8 +32,9 @@ use tracing::warn;
 use crate::crd::{LockSource, StateLock};
 use pods::PodCache;
 
-/// How many StateLock resource versions are remembered as seen (see [`Cluster::lock_version_seen`]).
-const RECENT_VERSIONS: usize = 16_384;
+/// How many StateLock resource versions are remembered as just seen, for a watch event that
+/// outruns its write's response (see [`Cluster::await_lock_write`]).
+const RECENT_VERSIONS: usize = 1_024;
 
 /// The StateLock watch as a stream of changed StateLocks. Whoever drives it (the expiry
 /// controller) keeps [`Cluster::locks`] current.
@@ -80,7 +81,7 @@ impl TableNudges {
 }
 
 struct Versions {
-    recent: Mutex<(VecDeque<String>, HashSet<String>)>,
+    seen: Mutex<Seen>,
     /// True once the first list is in the store. (Not `Store::wait_until_ready`: it wakes only
     /// the latest of several waiters, and the Controller waits on the same store.)
     listed: watch::Sender<bool>,
@@ -89,19 +90,31 @@ struct Versions {
     lists_done: AtomicU64,
 }
 
+/// StateLock resource versions: the latest ones seen, and those awaited by writers.
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<String>,
+    recent: HashSet<String>,
+    /// Versions that writers wait for (their [`AwaitedWrite`]s): how many wait, and whether the
+    /// cache has seen it. Only what is awaited is kept, however long the cache takes.
+    awaited: HashMap<String, (usize, bool)>,
+}
+
 impl Versions {
     fn observe(&self, event: &watcher::Event<StateLock>) {
         match event {
             watcher::Event::Apply(l) | watcher::Event::InitApply(l) | watcher::Event::Delete(l) => {
                 let Some(rv) = l.resource_version() else { return };
-                let mut guard = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-                let (order, set) = &mut *guard;
-                if set.insert(rv.clone()) {
-                    order.push_back(rv);
-                    if order.len() > RECENT_VERSIONS
-                        && let Some(old) = order.pop_front()
+                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some((_, arrived)) = seen.awaited.get_mut(&rv) {
+                    *arrived = true;
+                }
+                if seen.recent.insert(rv.clone()) {
+                    seen.order.push_back(rv);
+                    if seen.order.len() > RECENT_VERSIONS
+                        && let Some(old) = seen.order.pop_front()
                     {
-                        set.remove(&old);
+                        seen.recent.remove(&old);
                     }
                 }
             }
@@ -111,6 +124,58 @@ impl Versions {
             }
             watcher::Event::Init => {
                 self.lists_started.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Versions {
+    fn new(listed: watch::Sender<bool>) -> Self {
+        Self { seen: Mutex::default(), listed, lists_started: AtomicU64::new(0), lists_done: AtomicU64::new(0) }
+    }
+
+    fn await_write(this: &Arc<Self>, written: &StateLock) -> AwaitedWrite {
+        let mark = this.lists_started.load(Ordering::SeqCst);
+        let rv = written.resource_version();
+        if let Some(rv) = &rv {
+            let mut seen = this.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let already = seen.recent.contains(rv);
+            let entry = seen.awaited.entry(rv.clone()).or_insert((0, false));
+            entry.0 += 1;
+            entry.1 |= already;
+        }
+        AwaitedWrite { rv, mark, versions: this.clone() }
+    }
+}
+
+/// A StateLock write of the caller's own, awaited in the shared cache (see
+/// [`Cluster::await_lock_write`]). Dropping it stops the waiting.
+pub struct AwaitedWrite {
+    rv: Option<String>,
+    /// [`Versions::lists_started`] right after the write.
+    mark: u64,
+    versions: Arc<Versions>,
+}
+
+impl AwaitedWrite {
+    /// Whether the cache holds the write (or what came after it): it has seen the write's
+    /// version, or completed a list that started after the write.
+    pub fn seen(&self) -> bool {
+        self.versions.lists_done.load(Ordering::SeqCst) > self.mark
+            || self.rv.as_ref().is_some_and(|rv| {
+                self.versions.seen.lock().unwrap_or_else(PoisonError::into_inner).awaited.get(rv).is_some_and(|(_, arrived)| *arrived)
+            })
+    }
+}
+
+impl Drop for AwaitedWrite {
+    fn drop(&mut self) {
+        let Some(rv) = &self.rv else { return };
+        let mut seen = self.versions.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((waiters, _)) = seen.awaited.get_mut(rv) {
+            *waiters -= 1;
+            if *waiters == 0 {
+                seen.awaited.remove(rv);
             }
         }
     }
@@ -156,12 +221,7 @@ impl Cluster {
 
         let (locks, lock_writer) = reflector::store::<StateLock>();
         let (synced_tx, locks_synced) = watch::channel(false);
-        let versions = Arc::new(Versions {
-            recent: Mutex::default(),
-            listed: synced_tx,
-            lists_started: AtomicU64::new(0),
-            lists_done: AtomicU64::new(0),
-        });
+        let versions = Arc::new(Versions::new(synced_tx));
         let observed = versions.clone();
         let lock_triggers = reflector::reflector(
             lock_writer,
@@ -210,24 +270,66 @@ impl Cluster {
         let _ = self.locks_synced.clone().wait_for(|s| *s).await;
     }
 
-    /// Whether the StateLock cache has seen the change that produced resource version `rv`.
-    /// (Only a recent window is remembered: see [`Self::lock_listed_since`] for the rest.)
-    pub fn lock_version_seen(&self, rv: &str) -> bool {
-        self.versions.recent.lock().unwrap_or_else(PoisonError::into_inner).1.contains(rv)
-    }
-
-    /// A mark to take right after a write: once [`Self::lock_listed_since`] says so, a list that
-    /// started after the write has completed, and the cache holds the write (or what came after).
-    pub fn lock_list_mark(&self) -> u64 {
-        self.versions.lists_started.load(Ordering::SeqCst)
-    }
-
-    /// Whether a list started after `mark` was taken has completed.
-    pub fn lock_listed_since(&self, mark: u64) -> bool {
-        self.versions.lists_done.load(Ordering::SeqCst) > mark
+    /// Await `written`, a StateLock as a write of the caller's returned it, in the cache. Take it
+    /// right after the write: a watch event that came before is found among the latest seen.
+    pub fn await_lock_write(&self, written: &StateLock) -> AwaitedWrite {
+        Versions::await_write(&self.versions, written)
     }
 }
 
 fn drop_managed_fields<K: Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(rv: &str) -> StateLock {
+        let mut l = StateLock::new("l", crate::crd::StateLockSpec::default());
+        l.metadata.resource_version = Some(rv.into());
+        l
+    }
+
+    fn awaited(v: &Versions) -> usize {
+        v.seen.lock().unwrap_or_else(PoisonError::into_inner).awaited.len()
+    }
+
+    #[test]
+    fn a_write_is_seen_when_its_version_arrives_before_or_after_and_forgotten_when_dropped() {
+        let v = Arc::new(Versions::new(watch::channel(false).0));
+        // The watch event came first (it outran the write's response).
+        v.observe(&watcher::Event::Apply(at("7")));
+        let early = Versions::await_write(&v, &at("7"));
+        assert!(early.seen());
+        // The event comes after, however many other versions come in between.
+        let late = Versions::await_write(&v, &at("8"));
+        let again = Versions::await_write(&v, &at("8"));
+        for n in 100..100 + 3 * RECENT_VERSIONS {
+            v.observe(&watcher::Event::Apply(at(&n.to_string())));
+        }
+        assert!(!late.seen() && !again.seen());
+        v.observe(&watcher::Event::Apply(at("8")));
+        assert!(late.seen() && again.seen());
+        // Only what is awaited is kept; each waiter lets go of its own.
+        assert_eq!(awaited(&v), 2);
+        drop(late);
+        assert!(again.seen(), "the other waiter of the same version still sees it");
+        drop((early, again));
+        assert_eq!(awaited(&v), 0);
+        assert!(v.seen.lock().unwrap_or_else(PoisonError::into_inner).recent.len() <= RECENT_VERSIONS);
+    }
+
+    #[test]
+    fn a_list_that_started_after_the_write_shows_it() {
+        let v = Arc::new(Versions::new(watch::channel(false).0));
+        let w = Versions::await_write(&v, &at("9"));
+        v.observe(&watcher::Event::Init);
+        assert!(!w.seen(), "a list in progress shows nothing yet");
+        v.observe(&watcher::Event::InitDone);
+        assert!(w.seen(), "the relist replaced whatever version the write had");
+        // A write without a version (never returned by a real server) is seen only by a list.
+        let none = Versions::await_write(&v, &StateLock::new("l", crate::crd::StateLockSpec::default()));
+        assert!(!none.seen());
+    }
 }

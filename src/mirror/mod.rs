@@ -550,10 +550,11 @@ impl SourceState {
 /// A write of the mirror's own, kept until the shared StateLock cache has caught up with it, so
 /// that a lagging cache never makes it create (and announce) a lock twice or delete one twice.
 enum Written {
-    /// `mark`: [`Cluster::lock_list_mark`] right after the write.
+    /// `awaited`: the write in the cache, awaited since `at`.
     Applied {
         lock: Box<StateLock>,
-        mark: u64,
+        awaited: crate::cluster::AwaitedWrite,
+        at: Instant,
     },
     Deleted {
         uid: String,
@@ -1292,11 +1293,14 @@ fn existing_locks(ctx: &Context, source: &LockSource, written: &mut HashMap<Stri
         .map(|l| (l.name_any(), (**l).clone()))
         .collect();
     written.retain(|lock_name, w| match w {
-        Written::Applied { lock, mark } => {
-            let rv = lock.resource_version();
-            let seen = ctx.cluster.lock_listed_since(*mark)
-                || rv.as_deref().is_some_and(|rv| ctx.cluster.lock_version_seen(rv))
-                || by_name.get(lock_name).is_some_and(|c| c.resource_version() == rv);
+        Written::Applied { lock, awaited, at } => {
+            // A write that the API server found to change nothing has a version the cache may
+            // have seen long ago: the cache shows it now, or something after it soon. A cache
+            // that lags that much longer is stale anyway; the write is then forgotten, and the
+            // worst that follows is a write made again.
+            let seen = awaited.seen()
+                || by_name.get(lock_name).is_some_and(|c| c.resource_version() == lock.resource_version())
+                || at.elapsed() > WRITES_AWAITED_AT_MOST;
             if !seen {
                 by_name.insert(lock_name.clone(), (**lock).clone());
             }
@@ -1436,15 +1440,23 @@ async fn upsert_one(
             .apply_status(ns, &u.name, reasons::MIRROR_MANAGER, json!({"conditions": conditions}))
             .await
             .map_err(|error| SyncError::ApplyStateLock { name: u.name.clone(), error })?;
-        written.insert(u.name.clone(), Written::Applied { lock: Box::new(after), mark: ctx.cluster.lock_list_mark() });
+        written.insert(u.name.clone(), applied(ctx, after));
     } else if u.write_spec {
-        written.insert(u.name.clone(), Written::Applied { lock: Box::new(current.clone()), mark: ctx.cluster.lock_list_mark() });
+        written.insert(u.name.clone(), applied(ctx, current.clone()));
     }
     for e in &u.events {
         publish(ctx, &current, e.reason, e.warning, &e.note).await;
     }
     Ok(())
 }
+
+/// `lock`, as a write of the mirror's returned it, awaited in the cache from now on.
+fn applied(ctx: &Context, lock: StateLock) -> Written {
+    Written::Applied { awaited: ctx.cluster.await_lock_write(&lock), lock: Box::new(lock), at: Instant::now() }
+}
+
+/// How long the mirror waits for the StateLock cache to show a write of its own.
+const WRITES_AWAITED_AT_MOST: Duration = Duration::from_secs(300);
 
 async fn publish(ctx: &Context, obj: &StateLock, reason: &str, warning: bool, note: &str) {
     ctx.writer.publish(obj, reason, warning, note, None).await;
