@@ -34,7 +34,7 @@ use pods::PodCache;
 
 /// How many StateLock resource versions are remembered as just seen, for a watch event that
 /// outruns its write's response (see [`Cluster::await_lock_write`]).
-const RECENT_VERSIONS: usize = 1_024;
+const RECENT_VERSIONS: usize = 4_096;
 
 /// The StateLock watch as a stream of changed StateLocks. Whoever drives it (the expiry
 /// controller) keeps [`Cluster::locks`] current.
@@ -98,31 +98,51 @@ struct Seen {
     /// Versions that writers wait for (their [`AwaitedWrite`]s): how many wait, and whether the
     /// cache has seen it. Only what is awaited is kept, however long the cache takes.
     awaited: HashMap<String, (usize, bool)>,
+    /// The versions of a list in progress: the store shows them only once the list is complete.
+    listing: Vec<String>,
+}
+
+impl Seen {
+    fn arrived(&mut self, rv: String) {
+        if let Some((_, arrived)) = self.awaited.get_mut(&rv) {
+            *arrived = true;
+        }
+        if self.recent.insert(rv.clone()) {
+            self.order.push_back(rv);
+            if self.order.len() > RECENT_VERSIONS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.recent.remove(&old);
+            }
+        }
+    }
 }
 
 impl Versions {
     fn observe(&self, event: &watcher::Event<StateLock>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         match event {
-            watcher::Event::Apply(l) | watcher::Event::InitApply(l) | watcher::Event::Delete(l) => {
-                let Some(rv) = l.resource_version() else { return };
-                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some((_, arrived)) = seen.awaited.get_mut(&rv) {
-                    *arrived = true;
+            watcher::Event::Apply(l) | watcher::Event::Delete(l) => {
+                if let Some(rv) = l.resource_version() {
+                    seen.arrived(rv);
                 }
-                if seen.recent.insert(rv.clone()) {
-                    seen.order.push_back(rv);
-                    if seen.order.len() > RECENT_VERSIONS
-                        && let Some(old) = seen.order.pop_front()
-                    {
-                        seen.recent.remove(&old);
-                    }
+            }
+            watcher::Event::InitApply(l) => {
+                if let Some(rv) = l.resource_version() {
+                    seen.listing.push(rv);
                 }
             }
             watcher::Event::InitDone => {
+                for rv in std::mem::take(&mut seen.listing) {
+                    seen.arrived(rv);
+                }
+                drop(seen);
                 self.lists_done.fetch_add(1, Ordering::SeqCst);
                 self.listed.send_if_modified(|l| !std::mem::replace(l, true));
             }
             watcher::Event::Init => {
+                seen.listing.clear();
+                drop(seen);
                 self.lists_started.fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -325,9 +345,17 @@ mod tests {
         let v = Arc::new(Versions::new(watch::channel(false).0));
         let w = Versions::await_write(&v, &at("9"));
         v.observe(&watcher::Event::Init);
-        assert!(!w.seen(), "a list in progress shows nothing yet");
+        v.observe(&watcher::Event::InitApply(at("9")));
+        assert!(!w.seen(), "a list in progress shows nothing yet (the store swaps it in when it is complete)");
         v.observe(&watcher::Event::InitDone);
         assert!(w.seen(), "the relist replaced whatever version the write had");
+        // A write during a list that the list shows is seen once the list is complete.
+        v.observe(&watcher::Event::Init);
+        let during = Versions::await_write(&v, &at("10"));
+        v.observe(&watcher::Event::InitApply(at("10")));
+        assert!(!during.seen());
+        v.observe(&watcher::Event::InitDone);
+        assert!(during.seen());
         // A write without a version (never returned by a real server) is seen only by a list.
         let none = Versions::await_write(&v, &StateLock::new("l", crate::crd::StateLockSpec::default()));
         assert!(!none.seen());
