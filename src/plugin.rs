@@ -101,7 +101,9 @@ pub enum PluginError {
         "StateLock {namespace}/{name} already has an unlock request pending (for lock ID {pending}); wait for its answer (kubectl get events -n {namespace} --field-selector regarding.name={name}), or remove it with: kubectl annotate statelock -n {namespace} {name} {FORCE_UNLOCK_ANNOTATION}-"
     )]
     RequestPending { namespace: String, name: String, pending: String },
-    #[error("StateLock {namespace}/{name} changed while the request was being made; nothing was requested, run the command again")]
+    #[error(
+        "StateLock {namespace}/{name} kept changing (or was re-created) while the request was being made; nothing was requested, run the command again"
+    )]
     Changed { namespace: String, name: String },
 }
 
@@ -280,17 +282,12 @@ pub fn explain(lock: &StateLock, source: Option<&LockSource>, now: Timestamp) ->
     out
 }
 
+/// How often an unlock request is tried on a StateLock that changes in between.
+const REQUEST_ATTEMPTS: u32 = 5;
+
 async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, timeout: Duration) -> Result<String, PluginError> {
     let lock = get_lock(client, ns, name).await?;
     let uid = lock.uid().unwrap_or_default();
-    // Someone else's request (the plugin's or a `kubectl annotate`) is never overwritten: its
-    // requester waits for its answer. The patch below is conditional on the object as read here,
-    // so a request made in between is not overwritten either.
-    let pending = |l: &StateLock| l.annotations().get(FORCE_UNLOCK_ANNOTATION).cloned();
-    let request_pending = |pending: String| PluginError::RequestPending { namespace: ns.to_owned(), name: name.to_owned(), pending };
-    if let Some(p) = pending(&lock) {
-        return Err(request_pending(p));
-    }
     // The request's token: every event answering this request begins with its mark, so that
     // another request's answer (someone else's, or an earlier one of ours) is never taken for it.
     // No clock is compared (this machine's may differ from the cluster's).
@@ -314,17 +311,29 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         FORCE_UNLOCK_REQUEST_ANNOTATION: token,
     });
     let api: Api<StateLock> = Api::namespaced(client.clone(), ns);
-    let request = json!({"metadata": {"annotations": annotations, "resourceVersion": lock.resource_version()}});
-    match api.patch(name, &PatchParams::default(), &Patch::Merge(request)).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let now = get_lock(client, ns, name).await?;
-            return Err(match pending(&now) {
-                Some(p) => request_pending(p),
-                None => PluginError::Changed { namespace: ns.to_owned(), name: name.to_owned() },
-            });
+    // Someone else's request (the plugin's or a `kubectl annotate`) is never overwritten: its
+    // requester waits for its answer. The request is conditional on the object as read, so one
+    // made in between is not overwritten either; a status write in between (the gateway updates
+    // waiters while a lock is contended) only makes it read and try again.
+    let changed = || PluginError::Changed { namespace: ns.to_owned(), name: name.to_owned() };
+    let mut lock = lock;
+    for attempt in 1.. {
+        if let Some(pending) = lock.annotations().get(FORCE_UNLOCK_ANNOTATION) {
+            return Err(PluginError::RequestPending { namespace: ns.to_owned(), name: name.to_owned(), pending: pending.clone() });
         }
-        Err(e) => return Err(e.into()),
+        let Some(version) = lock.resource_version() else { return Err(changed()) };
+        let request = json!({"metadata": {"annotations": annotations, "resourceVersion": version}});
+        match api.patch(name, &PatchParams::default(), &Patch::Merge(request)).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < REQUEST_ATTEMPTS => {
+                lock = get_lock(client, ns, name).await?;
+                if lock.uid().unwrap_or_default() != uid {
+                    return Err(changed());
+                }
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => return Err(changed()),
+            Err(e) => return Err(e.into()),
+        }
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut told: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();

@@ -152,9 +152,11 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
         .output()
         .expect("kubectl");
     assert!(annotate.status.success(), "{}", String::from_utf8_lossy(&annotate.stderr));
-    let (ok, _, err) = plugin(bin_dir.path(), &cluster, &["unlock", &live_name, "77777777-2222-3333-4444-555555555555", "--live", "-n", NS]);
+    let (ok, _, err) =
+        plugin(bin_dir.path(), &cluster, &["unlock", &live_name, "77777777-2222-3333-4444-555555555555", "--live", "-n", NS]);
     assert!(!ok && err.contains("already has an unlock request pending (for lock ID 66666666-2222-3333-4444-555555555555)"), "{err}");
-    let kept = Api::<StateLock>::namespaced(cluster.client(), NS).get(&live_name).await.expect("get").metadata.annotations.unwrap_or_default();
+    let kept =
+        Api::<StateLock>::namespaced(cluster.client(), NS).get(&live_name).await.expect("get").metadata.annotations.unwrap_or_default();
     assert_eq!(kept.get("statelock.dev/force-unlock").map(String::as_str), Some("66666666-2222-3333-4444-555555555555"));
     assert!(!kept.contains_key("statelock.dev/force-unlock-live"), "the pending request is not made live: {kept:?}");
 }

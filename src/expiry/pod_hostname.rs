@@ -36,7 +36,8 @@ impl HostnameSpec {
         }
         let base = self.hostname.as_deref().unwrap_or(&self.name);
         // Names are ASCII (DNS-1123), but never slice inside a character of a hostile one.
-        let trimmed = if base.len() <= MAX_HOSTNAME { base } else { crate::lock_record::truncate(base, MAX_HOSTNAME).trim_end_matches(['-', '.']) };
+        let trimmed =
+            if base.len() <= MAX_HOSTNAME { base } else { crate::lock_record::truncate(base, MAX_HOSTNAME).trim_end_matches(['-', '.']) };
         (!trimmed.is_empty()).then_some(trimmed)
     }
 
@@ -136,11 +137,11 @@ mod tests {
         fn truncation_is_bounded_and_a_prefix(name in "[a-z0-9][a-z0-9.-]{0,252}|\\PC{0,300}") {
             if let Some(h) = pod(&name).short_hostname() {
                 prop_assert!(h.len() <= MAX_HOSTNAME);
-                prop_assert!(name.starts_with(&h));
+                prop_assert!(name.starts_with(h));
                 if name.len() > MAX_HOSTNAME {
                     prop_assert!(!h.ends_with('-') && !h.ends_with('.'));
                 }
-                prop_assert!(pod(&name).yields(&h));
+                prop_assert!(pod(&name).yields(h));
             }
         }
     }

@@ -185,12 +185,12 @@ fn a_long_pod_name_is_found_by_its_truncated_hostname() {
     let p = pod("atlantis", &name);
     let host = p.host.short_hostname().expect("hostname");
     assert!(host.len() <= 63 && host != name);
-    let v = judged(&lock(&host), std::slice::from_ref(&p));
+    let v = judged(&lock(host), std::slice::from_ref(&p));
     assert_eq!((v.state, v.reason), (HolderState::Alive, Reason::PodRunning), "{}", v.message);
     // And the pattern rule does not call it gone: a pod yields the hostname.
     let pol = HolderPolicy { hostname_pattern: Some(regex::Regex::new(".*").expect("re")), ..policy() };
     let v = judge(&Facts {
-        lock: &lock(&host),
+        lock: &lock(host),
         established: None,
         holder_lookup: None,
         pods: PodView::Listed(std::slice::from_ref(&p)),
