@@ -85,6 +85,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 /// The operator with a given client, until `stop` resolves (SIGTERM/SIGINT for `run`).
 pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Future<Output = io::Result<()>>) -> Result<(), RunError> {
     let readiness = Readiness::default();
+    // The admin server answers /readyz from here on: until every component has closed its own
+    // gates, this one keeps the replica from looking ready.
+    readiness.add_gate("start", "starting the components");
     readiness.add_gate("crds", "checking that the statelock CRDs are installed");
     ensure_crds_installed(&client).await?;
     readiness.open("crds");
@@ -162,6 +165,7 @@ pub async fn run_with(client: Client, args: RunArgs, stop: impl std::future::Fut
         }
         None => None,
     };
+    readiness.open("start");
 
     stop.await.map_err(RunError::Signals)?;
     info!("stopping");

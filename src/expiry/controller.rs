@@ -197,10 +197,15 @@ fn policy(source: &LockSource) -> HolderPolicy {
     }
 }
 
-/// Run the controller until `shutdown`.
-pub async fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) {
-    let Deps { client, recorder, reporter, metrics, leader, tenancy, cluster, lock_triggers } = deps;
+/// Run the controller until `shutdown`. Its readiness gate is closed when this is called, before
+/// the returned future first runs.
+pub fn run(deps: Deps, readiness: Readiness, shutdown: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
     readiness.add_gate("pods", "syncing the pod cache");
+    judge(deps, readiness, shutdown)
+}
+
+async fn judge(deps: Deps, readiness: Readiness, shutdown: CancellationToken) {
+    let Deps { client, recorder, reporter, metrics, leader, tenancy, cluster, lock_triggers } = deps;
     // Pod changes come from the shared cache, which stores each change before announcing it, so
     // a reconcile triggered by a pod event always sees that event in the cache. A subscriber
     // that fell behind re-judges every lock instead.

@@ -244,9 +244,15 @@ fn source_labels(source: &LockSource) -> SourceLabels {
 /// followers are checked too), or at once
 /// when there are no LockSources. One broken LockSource does not hold the operator back: it
 /// reports itself in its own Ready condition.
-pub async fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: CancellationToken) {
+///
+/// Its readiness gates are closed when this is called, before the returned future first runs.
+pub fn run(ctx: Arc<Context>, readiness: Readiness, shutdown: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
     readiness.add_gate("locksources", "listing LockSources");
     readiness.add_gate("stores", "no LockSource's lock store has been read yet");
+    follow_sources(ctx, readiness, shutdown)
+}
+
+async fn follow_sources(ctx: Arc<Context>, readiness: Readiness, shutdown: CancellationToken) {
     tokio::select! {
         () = ctx.cluster.sources_listed() => {},
         () = shutdown.cancelled() => return,
