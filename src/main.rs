@@ -3,6 +3,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use statelock::cli::{Cli, Command};
 
+/// jemalloc, not glibc's malloc: glibc's per-thread arenas kept a replica's resident memory near
+/// the peak of its first pass over every lock (about twice its live heap); jemalloc hands freed
+/// pages back. `cargo bench --bench footprint`: 171.5 MiB resident at steady state against
+/// 197.3 MiB with glibc, same code, same run (mimalloc 3 measured worse than glibc).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // Installed as `kubectl-statelock`, this binary is the kubectl plugin.
     if std::env::args_os().next().is_some_and(|a| statelock::plugin::invoked_as_plugin(&a)) {
