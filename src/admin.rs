@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 /// Named conditions that must all hold before the process reports ready.
 ///
 /// Each part of the operator registers a gate at start-up (with why it is not ready yet) and opens
-/// it once it is: `crds`, `locksources`, `pods`, `dynamodb`, `gateway` (and `shutdown` closes).
+/// it once it is: `start`, `crds`, `locksources`, `stores`, `pods`, `gateway` (and `shutdown` closes).
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
     gates: Arc<Mutex<BTreeMap<&'static str, Option<String>>>>,
