@@ -10,7 +10,8 @@
 //!
 //! Environment: `STATELOCK_FOOTPRINT_PODS` (50000), `STATELOCK_FOOTPRINT_WINDOW_SECS` (60),
 //! `STATELOCK_BASELINE_BINARY` (a statelock binary to compare with; unset: the bench builds
-//! `STATELOCK_BASELINE_REV`, default 00f87e3, into `target/baseline` with a git worktree;
+//! `STATELOCK_BASELINE_REV`, default d46efe8 (before the footprint work of the allocator, bounded
+//! concurrency and awaited writes; 00f87e3, before the shared caches, is never Ready here), into `target/baseline` with a git worktree;
 //! `none`: no baseline).
 
 mod common;
@@ -439,7 +440,7 @@ fn baseline_binary() -> Option<PathBuf> {
         Ok(v) => return Some(PathBuf::from(v)),
         Err(_) => {}
     }
-    let rev = std::env::var("STATELOCK_BASELINE_REV").unwrap_or_else(|_| "00f87e3".into());
+    let rev = std::env::var("STATELOCK_BASELINE_REV").unwrap_or_else(|_| "d46efe8".into());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let target = root.join("target/baseline");
     let bin = target.join("release/statelock");
