@@ -7,6 +7,7 @@ use statelock::cli::{Cli, Command};
 /// the peak of its first pass over every lock (about twice its live heap); jemalloc hands freed
 /// pages back. `cargo bench --bench footprint`: 171.5 MiB resident at steady state against
 /// 197.3 MiB with glibc, same code, same run (mimalloc 3 measured worse than glibc).
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

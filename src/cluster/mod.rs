@@ -85,7 +85,7 @@ struct Versions {
     /// True once the first list is in the store. (Not `Store::wait_until_ready`: it wakes only
     /// the latest of several waiters, and the Controller waits on the same store.)
     listed: watch::Sender<bool>,
-    /// Lists started and completed (one at a time, in order).
+    /// Lists started, and the number of the latest one completed (one list at a time, in order).
     lists_started: AtomicU64,
     lists_done: AtomicU64,
 }
@@ -137,7 +137,9 @@ impl Versions {
                     seen.arrived(rv);
                 }
                 drop(seen);
-                self.lists_done.fetch_add(1, Ordering::SeqCst);
+                // The list that completed is the latest one started (a list cut short by an
+                // error is started again, and never completes as such).
+                self.lists_done.store(self.lists_started.load(Ordering::SeqCst), Ordering::SeqCst);
                 self.listed.send_if_modified(|l| !std::mem::replace(l, true));
             }
             watcher::Event::Init => {
@@ -347,8 +349,25 @@ mod tests {
         v.observe(&watcher::Event::Init);
         v.observe(&watcher::Event::InitApply(at("9")));
         assert!(!w.seen(), "a list in progress shows nothing yet (the store swaps it in when it is complete)");
+        // The list is cut short by an error and started again; what it listed is never counted.
+        v.observe(&watcher::Event::Init);
+        assert!(!w.seen());
+        // The list shows a later version (someone else wrote after the write): it is seen all the same.
+        v.observe(&watcher::Event::InitApply(at("11")));
         v.observe(&watcher::Event::InitDone);
         assert!(w.seen(), "the relist replaced whatever version the write had");
+        // A list that started before a write does not show it; the next one does, even after
+        // a list was cut short in between.
+        v.observe(&watcher::Event::Init);
+        let before = Versions::await_write(&v, &at("12"));
+        v.observe(&watcher::Event::InitApply(at("11")));
+        v.observe(&watcher::Event::InitDone);
+        assert!(!before.seen(), "the list started before the write");
+        v.observe(&watcher::Event::Init);
+        v.observe(&watcher::Event::Init);
+        v.observe(&watcher::Event::InitApply(at("13")));
+        v.observe(&watcher::Event::InitDone);
+        assert!(before.seen());
         // A write during a list that the list shows is seen once the list is complete.
         v.observe(&watcher::Event::Init);
         let during = Versions::await_write(&v, &at("10"));

@@ -379,6 +379,11 @@ async fn probe(
                 warn!(source = %source.name_any(), error = %e, "could not read the LockSource's table; retrying");
                 if !dynamo_ok.load(Ordering::SeqCst) {
                     readiness.close("stores", format!("no LockSource's lock store has been read yet; last error: {e}"));
+                    // Another LockSource's store may have been read in between (and the gate
+                    // opened before this closed it): it is never closed again after that.
+                    if dynamo_ok.load(Ordering::SeqCst) {
+                        readiness.open("stores");
+                    }
                 }
             }
         }
