@@ -138,7 +138,7 @@ struct Figures {
     ready_secs: f64,
     mirrored_secs: f64,
     /// Until the expiry controller had judged every StateLock once.
-    judged_secs: Option<f64>,
+    judged_secs: f64,
     rss_steady: u64,
     rss_max: u64,
     cpu_per_1000_pod_events: f64,
@@ -364,9 +364,9 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let judged_secs = Some(started.elapsed().as_secs_f64());
+    let judged_secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "{label}: Ready after {ready_secs:.2} s, {want} StateLocks after {mirrored_secs:.1} s, all judged after {judged_secs:.1?} s; steady-state window {window:?}"
+        "{label}: Ready after {ready_secs:.2} s, {want} StateLocks after {mirrored_secs:.1} s, all judged after {judged_secs:.1} s; steady-state window {window:?}"
     );
 
     let (stop, pod_events) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
@@ -542,12 +542,11 @@ async fn main() {
         b.map(|b| format!("{:.1} s", b.mirrored_secs)),
         r(candidate.mirrored_secs, b.map(|b| b.mirrored_secs)),
     );
-    let judged = |f: &Figures| f.judged_secs.map_or("-".to_owned(), |s| format!("{s:.1} s"));
     row(
         "start to every StateLock judged",
-        judged(&candidate),
-        b.map(judged),
-        candidate.judged_secs.and_then(|c| r(c, b.and_then(|b| b.judged_secs))),
+        format!("{:.1} s", candidate.judged_secs),
+        b.map(|b| format!("{:.1} s", b.judged_secs)),
+        r(candidate.judged_secs, b.map(|b| b.judged_secs)),
     );
     row(
         "CPU per 1,000 pod events",
