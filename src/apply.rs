@@ -97,6 +97,9 @@ pub async fn apply(client: &Client, namespace: &str, desired: &LockSource, timeo
                 api.create(&params, &fresh(desired, namespace)).await.map(|s| Applied::Created { uid: s.uid().unwrap_or_default() })
             }
             Ok(Some(current)) => {
+                for owner in current.owner_references() {
+                    warn!(namespace, name, kind = %owner.kind, owner = %owner.name, "the LockSource had an owner that the chart did not set; it is removed");
+                }
                 api.replace(&name, &params, &updated(current, desired)).await.map(|s| Applied::Updated { uid: s.uid().unwrap_or_default() })
             }
             Err(e) => Err(e),
@@ -135,9 +138,12 @@ fn fresh(desired: &LockSource, namespace: &str) -> LockSource {
 }
 
 /// The existing LockSource with the manifest's spec and labels; the annotations Helm left on a
-/// LockSource that earlier charts made a hook resource are dropped.
+/// LockSource that earlier charts made a hook resource are dropped, and so are owner references:
+/// the chart's LockSource has no owner, and one set by someone who created the object before the
+/// chart did could have it (and every StateLock it owns) garbage-collected later.
 fn updated(mut current: LockSource, desired: &LockSource) -> LockSource {
     current.spec = desired.spec.clone();
+    current.metadata.owner_references = None;
     current.metadata.labels.get_or_insert_default().extend(desired.metadata.labels.clone().unwrap_or_default());
     let annotations = current.metadata.annotations.get_or_insert_default();
     annotations.retain(|k, _| !k.starts_with("helm.sh/hook"));
@@ -173,11 +179,19 @@ mod tests {
     }
 
     #[test]
-    fn an_update_keeps_identity_status_and_foreign_metadata_and_drops_helms_hook_annotations() {
+    fn an_update_keeps_identity_status_and_foreign_metadata_and_drops_helms_hook_annotations_and_owners() {
         let desired = parse_manifest(MANIFEST).expect("a LockSource");
         let mut current = parse_manifest(&MANIFEST.replace("tf-locks", "old-table")).expect("a LockSource");
         current.metadata.uid = Some("uid-1".into());
         current.metadata.resource_version = Some("7".into());
+        current.metadata.finalizers = Some(vec!["example.com/keep".into()]);
+        current.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: "someone-elses".into(),
+            uid: "uid-9".into(),
+            ..Default::default()
+        }]);
         current.metadata.labels = Some(BTreeMap::from([("app".into(), "x".into()), ("team".into(), "old".into())]));
         current.metadata.annotations = Some(BTreeMap::from([
             ("helm.sh/hook".into(), "post-install,post-upgrade".into()),
@@ -192,5 +206,7 @@ mod tests {
         assert_eq!((labels["app"].as_str(), labels["team"].as_str()), ("x", "platform"));
         let annotations = u.metadata.annotations.expect("annotations");
         assert_eq!(annotations.keys().collect::<Vec<_>>(), ["note"]);
+        assert_eq!(u.metadata.owner_references, None, "an owner set before the chart could have the LockSource collected");
+        assert_eq!(u.metadata.finalizers, Some(vec!["example.com/keep".to_owned()]), "a finalizer only delays a deletion");
     }
 }

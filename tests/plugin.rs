@@ -14,16 +14,20 @@ use statelock::crd::{HolderState, StateLock, state_lock_name};
 const NS: &str = "terraform";
 const TABLE: &str = "tf-locks";
 
-/// `kubectl statelock <args>` with the plugin on PATH: (exit success, stdout, stderr).
-fn plugin(dir: &Path, cluster: &TestCluster, args: &[&str]) -> (bool, String, String) {
+/// `kubectl statelock <args>` with the plugin on PATH.
+fn plugin_command(dir: &Path, cluster: &TestCluster, args: &[&str]) -> Command {
     let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-    let out = Command::new("kubectl")
-        .arg("statelock")
-        .args(args)
-        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
-        .env("PATH", path)
-        .output()
-        .expect("kubectl (part of the machine image)");
+    let mut c = Command::new("kubectl");
+    c.arg("statelock").args(args).arg(format!("--kubeconfig={}", cluster.kubeconfig.display())).env("PATH", path);
+    c
+}
+
+/// [`plugin_command`], run to its end: (exit success, stdout, stderr).
+fn plugin(dir: &Path, cluster: &TestCluster, args: &[&str]) -> (bool, String, String) {
+    outcome(plugin_command(dir, cluster, args).output().expect("kubectl (part of the machine image)"))
+}
+
+fn outcome(out: std::process::Output) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -159,4 +163,45 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
         Api::<StateLock>::namespaced(cluster.client(), NS).get(&live_name).await.expect("get").metadata.annotations.unwrap_or_default();
     assert_eq!(kept.get("statelock.dev/force-unlock").map(String::as_str), Some("66666666-2222-3333-4444-555555555555"));
     assert!(!kept.contains_key("statelock.dev/force-unlock-live"), "the pending request is not made live: {kept:?}");
+
+    // A request for a lock that its holder released meanwhile (here while the operator was down)
+    // ends well: nothing is left to release. Whichever comes first, the expiry controller's
+    // answer (UnlockNotNeeded, from its read of the lock item) or the mirror removing the
+    // StateLock, the plugin says so and exits zero.
+    let withdrawn = Command::new("kubectl")
+        .args(["annotate", "statelock", &live_name, "-n", NS, "statelock.dev/force-unlock-"])
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
+        .output()
+        .expect("kubectl");
+    assert!(withdrawn.status.success(), "{}", String::from_utf8_lossy(&withdrawn.stderr));
+    db.delete_item()
+        .table_name(TABLE)
+        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(live_lock.into()))
+        .send()
+        .await
+        .expect("the holder unlocks");
+    let waiting = plugin_command(
+        bin_dir.path(),
+        &cluster,
+        &["unlock", &live_name, "66666666-2222-3333-4444-555555555555", "--timeout", "300s", "-n", NS],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("kubectl");
+    eventually(Duration::from_secs(60), "the plugin's request on the StateLock", || async {
+        let l = Api::<StateLock>::namespaced(cluster.client(), NS).get(&live_name).await.ok()?;
+        l.metadata.annotations.unwrap_or_default().contains_key("statelock.dev/force-unlock").then_some(())
+    })
+    .await;
+    let op = Operator::start(&cluster);
+    let (ok, out, err) = outcome(tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.expect("join").expect("kubectl"));
+    assert!(ok, "{out}{err}");
+    eprintln!("unlock of a lock released meanwhile: {out}");
+    assert!(
+        out.starts_with("UnlockNotNeeded: force-unlock 66666666-2222-3333-4444-555555555555: the lock was already released")
+            || out.starts_with(&format!("StateLock {NS}/{live_name} is gone")),
+        "{out}"
+    );
+    op.stop().await;
 }

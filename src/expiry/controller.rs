@@ -487,7 +487,11 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         match read_authorities(&ctx, &source, &lock, &pol).await {
             Ok(Authority::LockGone) => {
                 // Released by its holder (or someone) meanwhile: the mirror removes the StateLock.
-                if unlock_request.is_some() {
+                if let Some(requested) = &unlock_request {
+                    let mark = answer_mark(request_token(lock.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION).map(String::as_str)));
+                    let note =
+                        format!("{mark}force-unlock {requested}: the lock was already released when statelock read it; nothing to release");
+                    publish_answer(&ctx, &lock, reasons::UNLOCK_NOT_NEEDED, &note, None, &mark).await;
                     consume_unlock_request(&ctx, &lock).await?;
                 }
                 return Ok(Action::requeue(Duration::from_secs(5)));
@@ -737,6 +741,12 @@ async fn release_and_report(
         }
     }
     if released.is_empty() {
+        // Every part was gone already: released by its holder since it was read. A request is
+        // answered all the same (nothing was released, and nothing is left to release).
+        if report.event_reason == reasons::FORCE_UNLOCKED {
+            let note = format!("{}the lock was released by someone else before statelock released it; nothing to release", report.mark);
+            publish_answer(ctx, lock, reasons::UNLOCK_NOT_NEEDED, &note, None, &report.mark).await;
+        }
         return Ok(true);
     }
     ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: report.metric_reason }).inc();
