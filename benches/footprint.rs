@@ -107,6 +107,16 @@ fn rss_bytes(pid: u32) -> u64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0) * 1024
 }
 
+/// A `/proc/<pid>/status` field's first number (kB for sizes).
+fn status_field(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn cpu_seconds(pid: u32, ticks_per_second: f64) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): state is field 3; utime 14, stime 15.
@@ -140,6 +150,11 @@ struct Figures {
     /// Until the expiry controller had judged every StateLock once.
     judged_secs: f64,
     rss_steady: u64,
+    /// Of `rss_steady`: anonymous memory (heap, stacks) and file-backed pages (mostly the binary's code).
+    rss_anon: u64,
+    rss_file: u64,
+    threads: u64,
+    open_fds: usize,
     rss_max: u64,
     cpu_per_1000_pod_events: f64,
     cpu_total_window: f64,
@@ -387,6 +402,9 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
     let elapsed = t0.elapsed();
     let (cpu1, counts1) = (cpu_seconds(pid, ticks), operator_counts(&setup.emulator));
     let rss_steady = rss_bytes(pid);
+    let (rss_anon, rss_file, threads) =
+        (status_field(pid, "RssAnon") * 1024, status_field(pid, "RssFile") * 1024, status_field(pid, "Threads"));
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
     let events = pod_events.load(Ordering::SeqCst);
     let minutes = elapsed.as_secs_f64() / 60.0;
     let mut requests_per_minute = BTreeMap::new();
@@ -403,11 +421,20 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
     }
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = child.wait();
+    // The operator's log outlives the run's directory.
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("footprint-{label}.log"));
+    if std::fs::copy(setup.dir.path().join(format!("{label}.log")), &kept).is_ok() {
+        eprintln!("{label}: the operator's log is {}", kept.display());
+    }
     Ok(Figures {
         ready_secs,
         mirrored_secs,
         judged_secs,
         rss_steady,
+        rss_anon,
+        rss_file,
+        threads,
+        open_fds,
         rss_max: rss_max.max(rss_steady),
         cpu_per_1000_pod_events: (cpu1 - cpu0) / events.max(1) as f64 * 1000.0,
         cpu_total_window: cpu1 - cpu0,
@@ -524,6 +551,15 @@ async fn main() {
         b.map(|b| mib(b.rss_steady)),
         r(candidate.rss_steady as f64, b.map(|b| b.rss_steady as f64)),
     );
+    row(
+        "  of which anonymous",
+        mib(candidate.rss_anon),
+        b.map(|b| mib(b.rss_anon)),
+        r(candidate.rss_anon as f64, b.map(|b| b.rss_anon as f64)),
+    );
+    row("  of which file-backed", mib(candidate.rss_file), b.map(|b| mib(b.rss_file)), None);
+    row("threads", candidate.threads.to_string(), b.map(|b| b.threads.to_string()), None);
+    row("open file descriptors", candidate.open_fds.to_string(), b.map(|b| b.open_fds.to_string()), None);
     row(
         "resident memory, max in window",
         mib(candidate.rss_max),

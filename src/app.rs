@@ -78,7 +78,7 @@ pub enum RunError {
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let config = kube::Config::infer().await.map_err(RunError::LoadKubeConfig)?;
     info!(cluster_url = %config.cluster_url, "loaded Kubernetes configuration");
-    let client = Client::try_from(config).map_err(RunError::BuildKubeClient)?;
+    let client = crate::kube_client::client(config).map_err(RunError::BuildKubeClient)?;
     run_with(client, args, wait_for_termination()).await
 }
 

@@ -34,6 +34,7 @@ pub mod dynamo;
 pub mod errors;
 pub mod expiry;
 pub mod gateway;
+pub mod kube_client;
 pub mod leader;
 pub mod lock_record;
 pub mod lock_store;
