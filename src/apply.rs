@@ -97,10 +97,14 @@ pub async fn apply(client: &Client, namespace: &str, desired: &LockSource, timeo
                 api.create(&params, &fresh(desired, namespace)).await.map(|s| Applied::Created { uid: s.uid().unwrap_or_default() })
             }
             Ok(Some(current)) => {
-                for owner in current.owner_references() {
-                    warn!(namespace, name, kind = %owner.kind, owner = %owner.name, "the LockSource had an owner that the chart did not set; it is removed");
+                let owners = current.owner_references().to_vec();
+                let replaced = api.replace(&name, &params, &updated(current, desired)).await;
+                if replaced.is_ok() {
+                    for owner in owners {
+                        warn!(namespace, name, kind = %owner.kind, owner = %owner.name, "removed an owner of the LockSource that the chart did not set");
+                    }
                 }
-                api.replace(&name, &params, &updated(current, desired)).await.map(|s| Applied::Updated { uid: s.uid().unwrap_or_default() })
+                replaced.map(|s| Applied::Updated { uid: s.uid().unwrap_or_default() })
             }
             Err(e) => Err(e),
         };

@@ -8,9 +8,11 @@
 //! connections behind, each with its read and write buffers, for the life of the process. Here
 //! the pool has a timer, a shorter idle timeout and a bound on idle connections.
 //!
-//! Left out of kube's stack: its tracing layer (debug spans per request). A proxy or an exec
-//! credential plugin that issues client certificates falls back to kube's own client, which
-//! handles both.
+//! Left out of kube's stack: its tracing layer (a debug span per request, and an error log line
+//! per failed request; the callers log what failed them, with their context). An exec credential
+//! plugin (it may issue client certificates that expire) and a proxy fall back to kube's own
+//! builder: it handles the first, and refuses a proxy as before (this build enables none of
+//! kube's proxy features).
 
 use std::time::Duration;
 

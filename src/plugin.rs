@@ -376,8 +376,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
                 return Err(PluginError::NotReleased(text(e)));
             }
             return Err(PluginError::NotReleased(
-                "the request was removed without an answer: another request replaced it, or the lock was already gone when it was read"
-                    .into(),
+                "the request was removed without an answer: another request replaced it, or its answer could not be published".into(),
             ));
         }
         if tokio::time::Instant::now() >= deadline {

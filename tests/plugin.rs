@@ -7,7 +7,10 @@ use std::{path::Path, process::Command, time::Duration};
 
 use common::{DynamoServer, Operator, TestCluster, eventually, lock_item_exists, take_lock};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, api::DeleteParams};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
 use serde_json::json;
 use statelock::crd::{HolderState, StateLock, state_lock_name};
 
@@ -203,5 +206,40 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
             || out.starts_with(&format!("StateLock {NS}/{live_name} is gone")),
         "{out}"
     );
+
+    // "Nothing to release" is never said of a StateLock whose spec was edited to name a key that
+    // does not exist: the lock it shows is held (by a live pod), and the request is refused,
+    // whether the expiry controller reads the edited spec or the mirror restored it first.
+    let held = "tfstate/web/terraform.tfstate";
+    take_lock(&db, TABLE, held, "88888888-2222-3333-4444-555555555555", "root@runner-1").await;
+    eventually(Duration::from_secs(30), "the holder judged Alive", || async {
+        (holder_state(&cluster, held).await == Some(HolderState::Alive)).then_some(())
+    })
+    .await;
+    op.stop().await;
+    let held_name = state_lock_name(held);
+    Api::<StateLock>::namespaced(cluster.client(), NS)
+        .patch(&held_name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"lockId": "tfstate/none/terraform.tfstate"}})))
+        .await
+        .expect("edit the spec");
+    let waiting = plugin_command(
+        bin_dir.path(),
+        &cluster,
+        &["unlock", &held_name, "88888888-2222-3333-4444-555555555555", "--timeout", "300s", "-n", NS],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("kubectl");
+    eventually(Duration::from_secs(60), "the plugin's request on the StateLock", || async {
+        let l = Api::<StateLock>::namespaced(cluster.client(), NS).get(&held_name).await.ok()?;
+        l.metadata.annotations.unwrap_or_default().contains_key("statelock.dev/force-unlock").then_some(())
+    })
+    .await;
+    let op = Operator::start(&cluster);
+    let (ok, out, err) = outcome(tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.expect("join").expect("kubectl"));
+    eprintln!("unlock of a StateLock with an edited spec: {err}");
+    assert!(!ok && err.contains("UnlockRefused") && !out.contains("UnlockNotNeeded"), "{out}{err}");
+    assert!(lock_item_exists(&db, TABLE, held).await, "a live holder's lock stays");
     op.stop().await;
 }

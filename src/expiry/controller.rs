@@ -44,7 +44,7 @@ use crate::{
     },
     crd::{
         DeathEvidence, EstablishedHolder, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, ReleaseStatus, StateLock,
-        StateLockStatus,
+        StateLockStatus, state_lock_name,
     },
     dynamo::source_credentials::SourceAccessError,
     errors::ErrorCategory,
@@ -489,9 +489,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                 // Released by its holder (or someone) meanwhile: the mirror removes the StateLock.
                 if let Some(requested) = &unlock_request {
                     let mark = answer_mark(request_token(lock.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION).map(String::as_str)));
-                    let note =
-                        format!("{mark}force-unlock {requested}: the lock was already released when statelock read it; nothing to release");
-                    publish_answer(&ctx, &lock, reasons::UNLOCK_NOT_NEEDED, &note, None, &mark).await;
+                    answer_gone(&ctx, &lock, &source, requested, &mark).await;
                     consume_unlock_request(&ctx, &lock).await?;
                 }
                 return Ok(Action::requeue(Duration::from_secs(5)));
@@ -743,9 +741,10 @@ async fn release_and_report(
     if released.is_empty() {
         // Every part was gone already: released by its holder since it was read. A request is
         // answered all the same (nothing was released, and nothing is left to release).
-        if report.event_reason == reasons::FORCE_UNLOCKED {
-            let note = format!("{}the lock was released by someone else before statelock released it; nothing to release", report.mark);
-            publish_answer(ctx, lock, reasons::UNLOCK_NOT_NEEDED, &note, None, &report.mark).await;
+        if let Some(requested) =
+            report.event_reason.eq(reasons::FORCE_UNLOCKED).then(|| lock.annotations().get(FORCE_UNLOCK_ANNOTATION)).flatten()
+        {
+            answer_gone(ctx, lock, source, requested, &report.mark).await;
         }
         return Ok(true);
     }
@@ -766,6 +765,30 @@ fn count_s3(ctx: &Context, source: &LockSource, request: &str) {
     ctx.metrics.locks.s3_requests.get_or_create(&labels).inc();
 }
 
+/// Answer a request for a lock that no store holds any more: nothing to release. Said only of
+/// a StateLock that is what the mirror made of its lock (named after its `spec.lockId`, owned
+/// by the LockSource its `spec.source` names): an edited spec points the read at another key,
+/// whose absence says nothing about the lock this StateLock shows, and is refused instead.
+async fn answer_gone(ctx: &Context, lock: &StateLock, source: &LockSource, requested: &str, mark: &str) {
+    let owned = lock.owner_references().iter().any(|o| o.kind == "LockSource" && source.metadata.uid.as_deref() == Some(o.uid.as_str()));
+    if lock.name_any() == state_lock_name(&lock.spec.lock_id) && owned {
+        let note = format!(
+            "{mark}force-unlock {requested}: the lock was already released when statelock read it (by its holder, or by an earlier release); nothing to release"
+        );
+        publish_answer(ctx, lock, reasons::UNLOCK_NOT_NEEDED, &note, None, mark).await;
+    } else {
+        let note = format!(
+            "{mark}force-unlock {requested} was not carried out: this StateLock's spec does not match its name or owner (edited?), so the lock it shows was not read; nothing is decided"
+        );
+        publish_answer(ctx, lock, reasons::UNLOCK_REFUSED, &note, None, mark).await;
+    }
+}
+
+/// Whether an event of this reason is a Warning: every answer but "nothing to release".
+fn is_warning(reason: &str) -> bool {
+    reason != reasons::UNLOCK_NOT_NEEDED
+}
+
 /// [`publish`], for an event that answers a manual unlock request marked `mark` (empty: no
 /// request, or one without a token): a new event of its own, never folded into an earlier
 /// event's series (a series keeps its first note, and the mark would be lost).
@@ -773,16 +796,16 @@ async fn publish_answer(ctx: &Context, lock: &StateLock, reason: &str, note: &st
     if mark.is_empty() {
         return publish(ctx, lock, reason, note, pod).await;
     }
-    ctx.writer.publish_new(lock, reason, true, note).await;
+    ctx.writer.publish_new(lock, reason, is_warning(reason), note).await;
     if let Some(p) = pod.and_then(|p| ctx.pods.get(&p.namespace, &p.name)) {
-        ctx.writer.publish_on(&p.object_ref(&()), reason, true, note).await;
+        ctx.writer.publish_on(&p.object_ref(&()), reason, is_warning(reason), note).await;
     }
 }
 
 async fn publish(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>) {
     // Also on the holder pod, while it exists.
     let on_pod = pod.and_then(|p| ctx.pods.get(&p.namespace, &p.name)).map(|p| p.object_ref(&()));
-    ctx.writer.publish(lock, reason, true, note, on_pod).await;
+    ctx.writer.publish(lock, reason, is_warning(reason), note, on_pod).await;
 }
 
 #[allow(clippy::too_many_arguments)]
