@@ -34,6 +34,23 @@ fn outcome(out: std::process::Output) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// With the operator stopped: `kubectl statelock unlock NAME LOCK_ID` in the background; once its
+/// request is on the StateLock, start the operator. The operator, and the plugin's outcome.
+async fn unlock_then_start_operator(dir: &Path, cluster: &TestCluster, name: &str, lock_id: &str) -> (Operator, (bool, String, String)) {
+    let waiting = plugin_command(dir, cluster, &["unlock", name, lock_id, "--timeout", "300s", "-n", NS])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    eventually(Duration::from_secs(60), "the plugin's request on the StateLock", || async {
+        let l = Api::<StateLock>::namespaced(cluster.client(), NS).get(name).await.ok()?;
+        l.metadata.annotations.unwrap_or_default().contains_key("statelock.dev/force-unlock").then_some(())
+    })
+    .await;
+    let op = Operator::start(cluster);
+    (op, outcome(tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.expect("join").expect("kubectl")))
+}
+
 async fn holder_state(cluster: &TestCluster, lock_id: &str) -> Option<HolderState> {
     let l = Api::<StateLock>::namespaced(cluster.client(), NS).get_opt(&state_lock_name(lock_id)).await.ok()??;
     l.status.and_then(|s| s.holder).map(|h| h.state)
@@ -183,22 +200,8 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
         .send()
         .await
         .expect("the holder unlocks");
-    let waiting = plugin_command(
-        bin_dir.path(),
-        &cluster,
-        &["unlock", &live_name, "66666666-2222-3333-4444-555555555555", "--timeout", "300s", "-n", NS],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("kubectl");
-    eventually(Duration::from_secs(60), "the plugin's request on the StateLock", || async {
-        let l = Api::<StateLock>::namespaced(cluster.client(), NS).get(&live_name).await.ok()?;
-        l.metadata.annotations.unwrap_or_default().contains_key("statelock.dev/force-unlock").then_some(())
-    })
-    .await;
-    let op = Operator::start(&cluster);
-    let (ok, out, err) = outcome(tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.expect("join").expect("kubectl"));
+    let (op, (ok, out, err)) =
+        unlock_then_start_operator(bin_dir.path(), &cluster, &live_name, "66666666-2222-3333-4444-555555555555").await;
     assert!(ok, "{out}{err}");
     eprintln!("unlock of a lock released meanwhile: {out}");
     assert!(
@@ -222,22 +225,8 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
         .patch(&held_name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"lockId": "tfstate/none/terraform.tfstate"}})))
         .await
         .expect("edit the spec");
-    let waiting = plugin_command(
-        bin_dir.path(),
-        &cluster,
-        &["unlock", &held_name, "88888888-2222-3333-4444-555555555555", "--timeout", "300s", "-n", NS],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("kubectl");
-    eventually(Duration::from_secs(60), "the plugin's request on the StateLock", || async {
-        let l = Api::<StateLock>::namespaced(cluster.client(), NS).get(&held_name).await.ok()?;
-        l.metadata.annotations.unwrap_or_default().contains_key("statelock.dev/force-unlock").then_some(())
-    })
-    .await;
-    let op = Operator::start(&cluster);
-    let (ok, out, err) = outcome(tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.expect("join").expect("kubectl"));
+    let (op, (ok, out, err)) =
+        unlock_then_start_operator(bin_dir.path(), &cluster, &held_name, "88888888-2222-3333-4444-555555555555").await;
     eprintln!("unlock of a StateLock with an edited spec: {err}");
     assert!(!ok && err.contains("UnlockRefused") && !out.contains("UnlockNotNeeded"), "{out}{err}");
     assert!(lock_item_exists(&db, TABLE, held).await, "a live holder's lock stays");
