@@ -6,7 +6,9 @@
 //! its own; this prints resident memory at steady state, CPU per 1,000 pod events, time from
 //! start to Ready and API requests per minute by verb, for this build and for a baseline binary
 //! (the commit before the shared caches) measured in the same run, with their ratios.
-//! Prints figures; asserts nothing about speed. Run: `cargo bench --bench footprint`.
+//! Prints figures; asserts nothing about speed. Run: `cargo bench --bench footprint`. The
+//! baseline runs second, and the second replica of a run takes about twice as long to write every
+//! StateLock whatever it is (the same binary did): read the time ratios with that in mind.
 //!
 //! Environment: `STATELOCK_FOOTPRINT_PODS` (50000), `STATELOCK_FOOTPRINT_WINDOW_SECS` (60),
 //! `STATELOCK_BASELINE_BINARY` (a statelock binary to compare with; unset: the bench builds
