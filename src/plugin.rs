@@ -343,7 +343,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
             format!("{}: {}", e.reason.as_deref().unwrap_or_default(), e.note.as_deref().unwrap_or_default().trim_start_matches(&mark))
         };
         if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
-            return if says_released(e) {
+            return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
                 confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
             } else {
                 Err(PluginError::NotReleased(text(e)))
@@ -366,7 +366,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
             // Handled (answers are published before the request is removed) or replaced.
             let seen = answers().await?;
             if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
-                return if says_released(e) {
+                return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
                     confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
                 } else {
                     Err(PluginError::NotReleased(text(e)))
@@ -391,7 +391,7 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
     }
 }
 
-/// A `ForceUnlocked` (or `UnlockNotNeeded`) answer is believed once the StateLock says so too: it is gone, or it shows
+/// A `ForceUnlocked` answer is believed once the StateLock says so too: it is gone, or it shows
 /// another lock (anyone who may create Events could write the answer; only the operator's mirror
 /// removes the StateLock of a released lock). Not confirmed in time, the request is withdrawn (if
 /// it is still there as this plugin set it), so that a forged answer leaves nothing pending.
@@ -443,14 +443,8 @@ async fn withdraw(api: &Api<StateLock>, name: &str, token: &str, id: &str, live:
     }
 }
 
-/// The events that end a request: released, already released, refused, the wrong ID, or the lock changed.
-const FINAL_ANSWERS: [&str; 5] =
-    [reasons::FORCE_UNLOCKED, reasons::UNLOCK_NOT_NEEDED, reasons::UNLOCK_REFUSED, reasons::UNLOCK_ID_MISMATCH, reasons::RELEASE_SKIPPED];
-
-/// The answers that say the lock is no longer held (believed once the StateLock agrees).
-fn says_released(e: &Event) -> bool {
-    matches!(e.reason.as_deref(), Some(reasons::FORCE_UNLOCKED | reasons::UNLOCK_NOT_NEEDED))
-}
+/// The events that end a request: released, refused, the wrong ID, or the lock changed.
+const FINAL_ANSWERS: [&str; 4] = [reasons::FORCE_UNLOCKED, reasons::UNLOCK_REFUSED, reasons::UNLOCK_ID_MISMATCH, reasons::RELEASE_SKIPPED];
 
 /// A token that no other request carries: the time in nanoseconds and this process's ID.
 fn request_token_now() -> String {

@@ -28,10 +28,6 @@ pub const GATEWAY_HOLDER_MISMATCH: &str = "GatewayHolderMismatch";
 
 /// A `statelock.dev/force-unlock` request released the lock. Warning.
 pub const FORCE_UNLOCKED: &str = "ForceUnlocked";
-/// A force-unlock request found the lock already released (by its holder, or by an earlier
-/// release): nothing was left to release. Normal. Said only of a StateLock whose spec still
-/// names it (an edited spec gets UnlockRefused).
-pub const UNLOCK_NOT_NEEDED: &str = "UnlockNotNeeded";
 /// A force-unlock request was refused: the holder is not known to be dead (Alive, Unknown or
 /// Ambiguous) and the live override is not set, or the authorities could not be read. Warning.
 pub const UNLOCK_REFUSED: &str = "UnlockRefused";

@@ -44,7 +44,7 @@ use crate::{
     },
     crd::{
         DeathEvidence, EstablishedHolder, HolderIdentification, HolderState, HolderStatus, LockPhase, LockSource, ReleaseStatus, StateLock,
-        StateLockStatus, state_lock_name,
+        StateLockStatus,
     },
     dynamo::source_credentials::SourceAccessError,
     errors::ErrorCategory,
@@ -486,12 +486,12 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
         let hint_verdict = verdict.clone();
         match read_authorities(&ctx, &source, &lock, &pol).await {
             Ok(Authority::LockGone) => {
-                // Released by its holder (or someone) meanwhile: the mirror removes the StateLock.
-                if let Some(requested) = &unlock_request {
-                    let mark = answer_mark(request_token(lock.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION).map(String::as_str)));
-                    answer_gone(&ctx, &lock, &source, requested, &mark).await;
-                    consume_unlock_request(&ctx, &lock).await?;
-                }
+                // Released by its holder (or someone) meanwhile: the mirror removes the StateLock,
+                // and a request with it, which its asker reads as the lock released. No answer
+                // is published and the request stays: the key read comes from the spec, which
+                // anyone who may edit the StateLock can point at a key (or a LockSource) that
+                // holds nothing, and "nothing to release" would then be said of a held lock.
+                // Once the mirror restores the spec, the request is judged on the real lock.
                 return Ok(Action::requeue(Duration::from_secs(5)));
             }
             Ok(Authority::Present { record, parts, verdict: v }) => {
@@ -549,7 +549,10 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                         mark: mark.clone(),
                     };
                     match release_and_report(&ctx, &source, &lock, parts, report).await {
-                        Ok(released) => unlock_released = released,
+                        Ok(Released::Yes) => unlock_released = true,
+                        // Gone since it was read: the request stays, as above.
+                        Ok(Released::AlreadyGone) => return Ok(Action::requeue(Duration::from_secs(5))),
+                        Ok(Released::No) => {}
                         Err(e) => {
                             // The request stays and is tried again; its asker hears why it waits.
                             let note =
@@ -593,7 +596,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
             mark: String::new(),
         };
-        expired = Some(release_and_report(&ctx, &source, &lock, parts, report).await?);
+        expired = Some(release_and_report(&ctx, &source, &lock, parts, report).await? != Released::No);
     }
     let outcome = decision::settle(&input, &decided, unlock_released, expired);
     report_blocked(&ctx, &lock, &previous, outcome.blocked.as_ref(), verdict.pod.as_ref()).await;
@@ -661,10 +664,21 @@ struct ReleaseReport<'a> {
     mark: String,
 }
 
+/// What a release came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Released {
+    /// Statelock released the lock (every part it found).
+    Yes,
+    /// Every part was gone already: nothing was released, and nothing is left to release.
+    AlreadyGone,
+    /// Nothing was released (the lock changed, or its parts are not one instance); said in events.
+    No,
+}
+
 /// Release every part of the exact lock instance read from the authorities (each delete
 /// conditioned on that part's instance: the Info of an item, the ETag of a file) and report the
-/// outcome; true when every part is gone (released now, or already), false when a part had
-/// changed and the release stopped there. A release that removed some parts and then failed is
+/// outcome ([`Released`]): every part released now, every part gone already, or nothing
+/// released because a part had changed and the release stopped there. A release that removed some parts and then failed is
 /// reported as partial (never as a release) and tried again: the remaining parts are read and
 /// judged afresh.
 async fn release_and_report(
@@ -673,13 +687,13 @@ async fn release_and_report(
     lock: &StateLock,
     parts: &[HeldPart],
     report: ReleaseReport<'_>,
-) -> Result<bool, ExpiryError> {
+) -> Result<Released, ExpiryError> {
     // Only the parts of one lock instance are ever released together (the judgement holds for
     // that instance alone).
     if !matches!(combine(&lock.spec.lock_id, parts), Combined::Lock(_)) {
         let note = format!("{}the parts of this lock do not hold one lock instance; nothing was released", report.mark);
         publish_answer(ctx, lock, reasons::RELEASE_SKIPPED, &note, None, &report.mark).await;
-        return Ok(false);
+        return Ok(Released::No);
     }
     let sdk = ctx.aws.get(&ctx.client, &ctx.tenancy, source).await?;
     let stores = stores_of(&source.spec, &sdk);
@@ -720,7 +734,7 @@ async fn release_and_report(
                     );
                     publish_answer(ctx, lock, reasons::LOCK_PARTIALLY_RELEASED, &note, None, &report.mark).await;
                 }
-                return Ok(false);
+                return Ok(Released::No);
             }
             Err(e) => {
                 if !released.is_empty() {
@@ -739,21 +753,15 @@ async fn release_and_report(
         }
     }
     if released.is_empty() {
-        // Every part was gone already: released by its holder since it was read. A request is
-        // answered all the same (nothing was released, and nothing is left to release).
-        if let Some(requested) =
-            report.event_reason.eq(reasons::FORCE_UNLOCKED).then(|| lock.annotations().get(FORCE_UNLOCK_ANNOTATION)).flatten()
-        {
-            answer_gone(ctx, lock, source, requested, &report.mark).await;
-        }
-        return Ok(true);
+        // Every part was gone already: released by its holder since it was read.
+        return Ok(Released::AlreadyGone);
     }
     ctx.metrics.locks.expirations.get_or_create(&ExpirationLabels { reason: report.metric_reason }).inc();
     info!(lock = %lock.spec.lock_id, reason = report.event_reason, parts = %parts_text(&released), "lock released");
     let note = if parts.len() > 1 { format!("{} ({} released)", report.note, parts_text(&released)) } else { report.note };
     let note = format!("{}{note}", report.mark);
     publish_answer(ctx, lock, report.event_reason, &note, report.pod, &report.mark).await;
-    Ok(true)
+    Ok(Released::Yes)
 }
 
 fn parts_text(kinds: &[StoreKind]) -> String {
@@ -765,30 +773,6 @@ fn count_s3(ctx: &Context, source: &LockSource, request: &str) {
     ctx.metrics.locks.s3_requests.get_or_create(&labels).inc();
 }
 
-/// Answer a request for a lock that no store holds any more: nothing to release. Said only of
-/// a StateLock that is what the mirror made of its lock (named after its `spec.lockId`, owned
-/// by the LockSource its `spec.source` names): an edited spec points the read at another key,
-/// whose absence says nothing about the lock this StateLock shows, and is refused instead.
-async fn answer_gone(ctx: &Context, lock: &StateLock, source: &LockSource, requested: &str, mark: &str) {
-    let owned = lock.owner_references().iter().any(|o| o.kind == "LockSource" && source.metadata.uid.as_deref() == Some(o.uid.as_str()));
-    if lock.name_any() == state_lock_name(&lock.spec.lock_id) && owned {
-        let note = format!(
-            "{mark}force-unlock {requested}: the lock was already released when statelock read it (by its holder, or by an earlier release); nothing to release"
-        );
-        publish_answer(ctx, lock, reasons::UNLOCK_NOT_NEEDED, &note, None, mark).await;
-    } else {
-        let note = format!(
-            "{mark}force-unlock {requested} was not carried out: this StateLock's spec does not match its name or owner (edited?), so the lock it shows was not read; nothing is decided"
-        );
-        publish_answer(ctx, lock, reasons::UNLOCK_REFUSED, &note, None, mark).await;
-    }
-}
-
-/// Whether an event of this reason is a Warning: every answer but "nothing to release".
-fn is_warning(reason: &str) -> bool {
-    reason != reasons::UNLOCK_NOT_NEEDED
-}
-
 /// [`publish`], for an event that answers a manual unlock request marked `mark` (empty: no
 /// request, or one without a token): a new event of its own, never folded into an earlier
 /// event's series (a series keeps its first note, and the mark would be lost).
@@ -796,16 +780,16 @@ async fn publish_answer(ctx: &Context, lock: &StateLock, reason: &str, note: &st
     if mark.is_empty() {
         return publish(ctx, lock, reason, note, pod).await;
     }
-    ctx.writer.publish_new(lock, reason, is_warning(reason), note).await;
+    ctx.writer.publish_new(lock, reason, true, note).await;
     if let Some(p) = pod.and_then(|p| ctx.pods.get(&p.namespace, &p.name)) {
-        ctx.writer.publish_on(&p.object_ref(&()), reason, is_warning(reason), note).await;
+        ctx.writer.publish_on(&p.object_ref(&()), reason, true, note).await;
     }
 }
 
 async fn publish(ctx: &Context, lock: &StateLock, reason: &str, note: &str, pod: Option<&PodRef>) {
     // Also on the holder pod, while it exists.
     let on_pod = pod.and_then(|p| ctx.pods.get(&p.namespace, &p.name)).map(|p| p.object_ref(&()));
-    ctx.writer.publish(lock, reason, is_warning(reason), note, on_pod).await;
+    ctx.writer.publish(lock, reason, true, note, on_pod).await;
 }
 
 #[allow(clippy::too_many_arguments)]
