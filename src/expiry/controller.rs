@@ -492,7 +492,9 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                 // anyone who may edit the StateLock can point at a key (or a LockSource) that
                 // holds nothing, and "nothing to release" would then be said of a held lock.
                 // Once the mirror restores the spec, the request is judged on the real lock.
-                return Ok(Action::requeue(Duration::from_secs(5)));
+                // Looked at again unhurried: the mirror's removal ends it, and a mirror that
+                // cannot read the source must not turn into a read every few seconds.
+                return Ok(Action::requeue(GONE_RECHECK));
             }
             Ok(Authority::Present { record, parts, verdict: v }) => {
                 verdict = v;
@@ -551,7 +553,7 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
                     match release_and_report(&ctx, &source, &lock, parts, report).await {
                         Ok(Released::Yes) => unlock_released = true,
                         // Gone since it was read: the request stays, as above.
-                        Ok(Released::AlreadyGone) => return Ok(Action::requeue(Duration::from_secs(5))),
+                        Ok(Released::AlreadyGone) => return Ok(Action::requeue(GONE_RECHECK)),
                         Ok(Released::No) => {}
                         Err(e) => {
                             // The request stays and is tried again; its asker hears why it waits.
@@ -596,7 +598,12 @@ async fn judge_and_act(lock: Arc<StateLock>, ctx: &Arc<Context>) -> Result<Actio
             skipped_note: "the lock item changed since it was judged (re-taken or updated); nothing was released",
             mark: String::new(),
         };
-        expired = Some(release_and_report(&ctx, &source, &lock, parts, report).await? != Released::No);
+        // A lock gone before its release was not released by statelock: no phase Released.
+        expired = match release_and_report(&ctx, &source, &lock, parts, report).await? {
+            Released::Yes => Some(true),
+            Released::No => Some(false),
+            Released::AlreadyGone => None,
+        };
     }
     let outcome = decision::settle(&input, &decided, unlock_released, expired);
     report_blocked(&ctx, &lock, &previous, outcome.blocked.as_ref(), verdict.pod.as_ref()).await;
@@ -663,6 +670,9 @@ struct ReleaseReport<'a> {
     /// Begins every note: the request's mark for a manual unlock, else empty.
     mark: String,
 }
+
+/// When a lock that no store holds is looked at again, while its StateLock is still there.
+const GONE_RECHECK: Duration = Duration::from_secs(30);
 
 /// What a release came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
