@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DynamoServer, Operator, TestCluster, eventually, put_item, terraform_info};
+use common::{DynamoServer, Operator, TestCluster, eventually, put_item, release_lock, terraform_info};
 use k8s_openapi::api::events::v1::Event;
 use kube::{
     Api, ResourceExt,
@@ -101,12 +101,7 @@ async fn lifecycle(moto: DynamoServer) {
     assert!(status.last_sync_time.is_some());
 
     // Release: Terraform deletes the lock item (never the digest).
-    db.delete_item()
-        .table_name(TABLE)
-        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(lock_id.into()))
-        .send()
-        .await
-        .expect("delete");
+    release_lock(&db, TABLE, lock_id).await;
     eventually(Duration::from_secs(30), "the StateLock to go away", || async { statelocks(&cluster).await.is_empty().then_some(()) }).await;
     let released = eventually(Duration::from_secs(10), "LockReleased", || async {
         let e = events_for(&cluster, &name, "LockReleased").await;
@@ -310,12 +305,7 @@ async fn streams_mode_mirrors_changes_long_before_the_interval() {
     put_item(&db, TABLE, &[("LockID", id), ("Info", &terraform_info("s-1", "root@runner", id, "2026-11-26T13:02:20Z"))]).await;
     put_item(&db, TABLE, &[("LockID", &format!("{id}-md5")), ("Digest", "00")]).await;
     eventually(Duration::from_secs(20), "the streamed lock", || async { (statelocks(&cluster).await.len() == 2).then_some(()) }).await;
-    db.delete_item()
-        .table_name(TABLE)
-        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(early.into()))
-        .send()
-        .await
-        .expect("delete");
+    release_lock(&db, TABLE, early).await;
     eventually(Duration::from_secs(20), "the released lock to go", || async {
         let l = statelocks(&cluster).await;
         (l.len() == 1 && l[0].spec.lock_id == id).then_some(())

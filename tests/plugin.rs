@@ -5,7 +5,7 @@ mod common;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{DynamoServer, Operator, TestCluster, eventually, lock_item_exists, take_lock};
+use common::{DynamoServer, Operator, TestCluster, eventually, kubectl, lock_item_exists, release_lock, take_lock};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, ResourceExt,
@@ -170,12 +170,7 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
 
     // A request made with kubectl and not answered yet (the operator is stopped) is never
     // overwritten by the plugin's: its requester is waiting for its answer.
-    let annotate = Command::new("kubectl")
-        .args(["annotate", "statelock", &live_name, "-n", NS, "statelock.dev/force-unlock=66666666-2222-3333-4444-555555555555"])
-        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
-        .output()
-        .expect("kubectl");
-    assert!(annotate.status.success(), "{}", String::from_utf8_lossy(&annotate.stderr));
+    kubectl(&cluster, &["annotate", "statelock", &live_name, "-n", NS, "statelock.dev/force-unlock=66666666-2222-3333-4444-555555555555"]);
     let (ok, _, err) =
         plugin(bin_dir.path(), &cluster, &["unlock", &live_name, "77777777-2222-3333-4444-555555555555", "--live", "-n", NS]);
     assert!(!ok && err.contains("already has an unlock request pending (for lock ID 66666666-2222-3333-4444-555555555555)"), "{err}");
@@ -188,18 +183,8 @@ async fn kubectl_statelock_lists_explains_and_unlocks() {
     // ends well: the request stays until the mirror removes the StateLock, and the plugin reports
     // the lock released. (Consumed without an answer, as it once was, it exits non-zero whenever
     // the expiry controller comes before the mirror.)
-    let withdrawn = Command::new("kubectl")
-        .args(["annotate", "statelock", &live_name, "-n", NS, "statelock.dev/force-unlock-"])
-        .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
-        .output()
-        .expect("kubectl");
-    assert!(withdrawn.status.success(), "{}", String::from_utf8_lossy(&withdrawn.stderr));
-    db.delete_item()
-        .table_name(TABLE)
-        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(live_lock.into()))
-        .send()
-        .await
-        .expect("the holder unlocks");
+    kubectl(&cluster, &["annotate", "statelock", &live_name, "-n", NS, "statelock.dev/force-unlock-"]);
+    release_lock(&db, TABLE, live_lock).await;
     let (op, (ok, out, err)) =
         unlock_then_start_operator(bin_dir.path(), &cluster, &live_name, "66666666-2222-3333-4444-555555555555").await;
     assert!(ok, "{out}{err}");

@@ -308,6 +308,16 @@ pub async fn take_lock(db: &aws_sdk_dynamodb::Client, table: &str, lock_id: &str
     put_item(db, table, &[("LockID", lock_id), ("Info", &terraform_info(id, who, lock_id, &now))]).await;
 }
 
+/// Release the lock on `lock_id` as Terraform does: delete its item.
+pub async fn release_lock(db: &aws_sdk_dynamodb::Client, table: &str, lock_id: &str) {
+    db.delete_item()
+        .table_name(table)
+        .key("LockID", aws_sdk_dynamodb::types::AttributeValue::S(lock_id.into()))
+        .send()
+        .await
+        .expect("delete the lock item");
+}
+
 /// Whether the item `lock_id` is in `table` (a consistent read).
 pub async fn lock_item_exists(db: &aws_sdk_dynamodb::Client, table: &str, lock_id: &str) -> bool {
     let out = db
