@@ -90,13 +90,24 @@ async fn create_pod(api: &Api<Pod>, name: &str, ip: &str) {
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(pod_status(ip))).await.expect("pod status");
 }
 
-fn http_status(addr: &str, path: &str) -> Option<u16> {
+fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    Some(out)
+}
+
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_get(addr, path)?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A metric's value in the operator's `/metrics` (0 when absent: an older binary).
+fn metric(addr: &str, name: &str) -> u64 {
+    http_get(addr, "/metrics")
+        .and_then(|text| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()))
+        .map_or(0, |v| v as u64)
 }
 
 fn free_port() -> u16 {
@@ -157,6 +168,9 @@ struct Figures {
     rss_file: u64,
     threads: u64,
     open_fds: usize,
+    /// jemalloc's allocated, active, metadata and resident bytes, from the operator's `/metrics`
+    /// (0 for a binary without them).
+    heap: [u64; 4],
     rss_max: u64,
     cpu_per_1000_pod_events: f64,
     cpu_total_window: f64,
@@ -382,6 +396,26 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let judged_secs = started.elapsed().as_secs_f64();
+    // What a StateLock weighs as served (without managedFields, which the operator drops), and a
+    // sample of each kind kept for reading: a lock held from a pod, and one held from a laptop.
+    {
+        let api: Api<StateLock> = Api::namespaced(setup.admin.clone(), &ns_name(0));
+        let mut locks = api.list(&ListParams::default()).await.expect("list").items;
+        for l in &mut locks {
+            l.metadata.managed_fields = None;
+        }
+        let bytes: usize = locks.iter().map(|l| serde_json::to_vec(l).expect("json").len()).sum();
+        eprintln!("{label}: a StateLock is {} bytes of JSON on average ({} in {})", bytes / locks.len().max(1), locks.len(), ns_name(0));
+        for (kind, l) in [
+            ("pod", locks.iter().find(|l| l.spec.lock_info.who.as_deref().is_some_and(|w| w.starts_with("root@")))),
+            ("laptop", locks.iter().find(|l| l.spec.lock_info.who.as_deref().is_some_and(|w| w.starts_with("dev@")))),
+        ] {
+            if let Some(l) = l {
+                let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("footprint-{label}-statelock-{kind}.json"));
+                let _ = std::fs::write(&path, serde_json::to_vec_pretty(l).expect("json"));
+            }
+        }
+    }
     eprintln!(
         "{label}: Ready after {ready_secs:.2} s, {want} StateLocks after {mirrored_secs:.1} s, all judged after {judged_secs:.1} s; steady-state window {window:?}"
     );
@@ -407,6 +441,7 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
     let (rss_anon, rss_file, threads) =
         (status_field(pid, "RssAnon") * 1024, status_field(pid, "RssFile") * 1024, status_field(pid, "Threads"));
     let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let heap = ["allocated", "active", "metadata", "resident"].map(|k| metric(&admin, &format!("statelock_heap_{k}_bytes")));
     let events = pod_events.load(Ordering::SeqCst);
     let minutes = elapsed.as_secs_f64() / 60.0;
     let mut requests_per_minute = BTreeMap::new();
@@ -437,6 +472,7 @@ async fn measure(setup: &Setup, binary: &Path, label: &str, window: Duration, li
         rss_file,
         threads,
         open_fds,
+        heap,
         rss_max: rss_max.max(rss_steady),
         cpu_per_1000_pod_events: (cpu1 - cpu0) / events.max(1) as f64 * 1000.0,
         cpu_total_window: cpu1 - cpu0,
@@ -560,6 +596,9 @@ async fn main() {
         r(candidate.rss_anon as f64, b.map(|b| b.rss_anon as f64)),
     );
     row("  of which file-backed", mib(candidate.rss_file), b.map(|b| mib(b.rss_file)), None);
+    for (i, what) in ["heap allocated (jemalloc)", "heap active", "heap metadata", "heap resident"].iter().enumerate() {
+        row(what, mib(candidate.heap[i]), b.map(|b| mib(b.heap[i])), r(candidate.heap[i] as f64, b.map(|b| b.heap[i] as f64)));
+    }
     row("threads", candidate.threads.to_string(), b.map(|b| b.threads.to_string()), None);
     row("open file descriptors", candidate.open_fds.to_string(), b.map(|b| b.open_fds.to_string()), None);
     row(

@@ -58,6 +58,8 @@ struct ProcessMetrics {
     open_fds: Gauge,
     cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     start_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// jemalloc's own figures (see [`heap_stats`]).
+    heap: [Gauge; 4],
     /// CPU seconds counted so far (the counter only goes up by the difference).
     cpu_counted: std::sync::Arc<std::sync::Mutex<f64>>,
 }
@@ -390,6 +392,9 @@ impl Default for Metrics {
             prometheus_client::registry::Unit::Seconds,
             process.start_time.clone(),
         );
+        for (gauge, (name, help)) in process.heap.iter().zip(HEAP_FIGURES) {
+            registry.register_with_unit(name, help, prometheus_client::registry::Unit::Bytes, gauge.clone());
+        }
         Self { registry, process_registry, gateway, locks, controllers, leader, fleet, process }
     }
 }
@@ -420,6 +425,31 @@ pub fn fleet_counts(
     (by_state, ready)
 }
 
+/// The allocator's figures, in the order [`heap_stats`] reads them: what the program holds, and
+/// what that costs the process (the gaps are fragmentation, and freed pages not yet handed back).
+const HEAP_FIGURES: [(&str, &str); 4] = [
+    ("heap_allocated", "Bytes the process has allocated and not freed, as its allocator (jemalloc) counts them"),
+    ("heap_active", "Bytes in the allocator's active pages: the allocated bytes and the free space among them"),
+    ("heap_metadata", "Bytes of the allocator's own metadata"),
+    ("heap_resident", "Bytes of memory the allocator holds resident: active pages, metadata, and freed pages it has not handed back yet"),
+];
+
+/// jemalloc's `stats.allocated`, `stats.active`, `stats.metadata` and `stats.resident`, read after
+/// advancing its epoch (they are cached until then). Figures of the jemalloc linked in: the
+/// binary's allocator; in a program that links this library without making jemalloc its
+/// allocator, they are near zero.
+#[cfg(not(target_env = "msvc"))]
+fn heap_stats() -> Option<[usize; 4]> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    Some([stats::allocated::read().ok()?, stats::active::read().ok()?, stats::metadata::read().ok()?, stats::resident::read().ok()?])
+}
+
+#[cfg(target_env = "msvc")]
+fn heap_stats() -> Option<[usize; 4]> {
+    None
+}
+
 /// Linux's fixed user-space clock tick (USER_HZ) for /proc times.
 const USER_HZ: f64 = 100.0;
 
@@ -439,6 +469,11 @@ impl ProcessMetrics {
             }
             if let Some(v) = kib("VmSize:") {
                 self.virtual_memory.set(v);
+            }
+        }
+        if let Some(figures) = heap_stats() {
+            for (gauge, v) in self.heap.iter().zip(figures) {
+                gauge.set(i64::try_from(v).unwrap_or(i64::MAX));
             }
         }
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {

@@ -185,18 +185,18 @@ pub struct StateLockStatus {
     /// The pod the gateway saw take this lock: the strongest evidence of who holds it. Written
     /// only by the gateway; the controller reads it to resolve the holder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway_holder: Option<GatewayHolder>,
+    pub gateway_holder: Option<Box<GatewayHolder>>,
 
     /// The clients currently waiting for this lock, as seen by the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub contention: Option<ContentionStatus>,
+    pub contention: Option<Box<ContentionStatus>>,
 
     /// Why statelock has not released this lock although it considered doing so (a dead holder in
     /// Observe mode, the grace period, evidence the authorities did not confirm, a refused or
     /// undecided manual unlock, a LockSource the operator refuses). Absent while there is nothing
     /// to release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release: Option<ReleaseStatus>,
+    pub release: Option<Box<ReleaseStatus>>,
 
     /// The mirror's observations of the lock record (`InfoValid`, `Stale`), one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -285,13 +285,13 @@ pub struct HolderStatus {
 
     /// The evidence of death, once seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub evidence: Option<DeathEvidence>,
+    pub evidence: Option<Box<DeathEvidence>>,
 
     /// The pod established as the holder of this lock instance, recorded the first time it was
     /// established. Evidence of death is only ever about this pod (or, for runner hostnames, about
     /// the absence of any pod with the hostname).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub established: Option<EstablishedHolder>,
+    pub established: Option<Box<EstablishedHolder>>,
 
     /// When `state` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -827,7 +827,7 @@ async fn write_status(
         (Some(e), Some(prev)) if prev.info_sha256 == e.info_sha256 && (prev.by == e.by || e.by == HolderIdentification::Hostname) => {
             Some(prev)
         }
-        (Some(e), _) if from_authority || e.by == HolderIdentification::Gateway => Some(EstablishedHolder {
+        (Some(e), _) if from_authority || e.by == HolderIdentification::Gateway => Some(Box::new(EstablishedHolder {
             namespace: e.namespace.clone(),
             pod: e.name.clone(),
             uid: e.uid.clone(),
@@ -836,7 +836,7 @@ async fn write_status(
             info_sha256: e.info_sha256.clone(),
             restarts: e.restarts,
             at: Time(now),
-        }),
+        })),
         (_, prev) => prev,
     };
     let holder = HolderStatus {
@@ -849,14 +849,16 @@ async fn write_status(
         pod: v.pod.as_ref().map(|p| p.name.clone()),
         uid: v.pod.as_ref().and_then(|p| p.uid.clone()),
         candidates: v.candidates.clone(),
-        evidence,
+        evidence: evidence.map(Box::new),
         established,
         since,
     };
-    let release = blocked.map(|b| ReleaseStatus {
-        reason: b.reason.to_string(),
-        message: b.message.clone(),
-        since: previous.release.as_ref().filter(|r| r.reason == b.reason).map_or(Time(now), |r| r.since.clone()),
+    let release = blocked.map(|b| {
+        Box::new(ReleaseStatus {
+            reason: b.reason.to_string(),
+            message: b.message.clone(),
+            since: previous.release.as_ref().filter(|r| r.reason == b.reason).map_or(Time(now), |r| r.since.clone()),
+        })
     });
     if previous.holder.as_ref() == Some(&holder)
         && previous.phase == Some(phase)

@@ -1294,13 +1294,13 @@ fn existing_locks(ctx: &Context, source: &LockSource, written: &mut HashMap<Stri
     let (ns, name) = (source.namespace().unwrap_or_default(), source.name_any());
     let adopted =
         ctx.adopted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&(ns.clone(), name.clone())).cloned().unwrap_or_default();
-    let ours = |label: Option<&String>| label.is_some_and(|l| *l == name || adopted.contains(l));
+    let ours = |label: Option<&str>| label.is_some_and(|l| l == name || adopted.contains(l));
     let mut by_name: BTreeMap<String, StateLock> = ctx
         .cluster
         .locks
         .state()
         .iter()
-        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && ours(l.labels().get(reasons::SOURCE_LABEL)))
+        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && ours(crate::cluster::source_label(l)))
         .map(|l| (l.name_any(), (**l).clone()))
         .collect();
     written.retain(|lock_name, w| match w {
