@@ -1,7 +1,8 @@
 //! The operator's one view of the cluster, started in one place and read by the mirror, the
 //! expiry controller and the gateway: one LockSource reflector, one StateLock reflector and one
-//! Pod cache ([`pods`]). A replica holds each kind once, without `managedFields` (and pods with
-//! only the fields the decisions read), and one set of AWS SDK clients per LockSource ([`aws`]).
+//! Pod cache ([`pods`]). A replica holds each kind once, without `managedFields` (StateLocks as
+//! [`cached_lock`] keeps them, pods with only the fields the decisions read), and one set of AWS
+//! SDK clients per LockSource ([`aws`]).
 //! Every StateLock write goes through [`writer`].
 
 pub mod aws;
@@ -46,6 +47,8 @@ pub struct Cluster {
     pub aws: Arc<aws::SourceClients>,
     pub pods: Arc<PodCache>,
     pub sources: Store<LockSource>,
+    /// The StateLocks as [`cached_lock`] keeps them: no `ownerReferences`, and the source label
+    /// read only through [`cached_source_label`], never from `labels()`. Never written back.
     pub locks: Store<StateLock>,
     /// Counts LockSource changes once the first list is in the store; 0 before.
     source_changes: watch::Receiver<u64>,
@@ -305,7 +308,7 @@ impl Cluster {
 /// - `managedFields` and `ownerReferences` go;
 /// - labels that are exactly `{statelock.dev/source: <spec.source>}`, which every StateLock the
 ///   mirror wrote carries, become an empty map: a map of one entry costs a 544-byte tree node.
-///   Read a cached StateLock's source label with [`source_label`], never from its labels. Any
+///   Read a cached StateLock's source label with [`cached_source_label`], never from its labels. Any
 ///   other labels are kept as they are; absent or empty labels are kept as absent.
 pub fn cached_lock(lock: &mut StateLock) {
     drop_managed_fields(lock);
@@ -318,7 +321,8 @@ pub fn cached_lock(lock: &mut StateLock) {
 }
 
 /// The `statelock.dev/source` label of a StateLock kept by the shared cache ([`cached_lock`]).
-pub fn source_label(cached: &StateLock) -> Option<&str> {
+/// Wrong for an object that did not go through it: an empty labels map reads as `spec.source`.
+pub(crate) fn cached_source_label(cached: &StateLock) -> Option<&str> {
     match &cached.metadata.labels {
         Some(l) if l.is_empty() => Some(&cached.spec.source),
         Some(l) => l.get(crate::reasons::SOURCE_LABEL).map(String::as_str),
@@ -431,7 +435,7 @@ mod tests {
             let mut cached = lock.clone();
             cached_lock(&mut cached);
             let want = if labels_present { label.as_deref() } else { None };
-            proptest::prop_assert_eq!(source_label(&cached), want);
+            proptest::prop_assert_eq!(cached_source_label(&cached), want);
             proptest::prop_assert_eq!(cached.metadata.owner_references, None);
             proptest::prop_assert_eq!(cached.metadata.managed_fields, None);
             // Every other label is still there, as it was.

@@ -1300,7 +1300,7 @@ fn existing_locks(ctx: &Context, source: &LockSource, written: &mut HashMap<Stri
         .locks
         .state()
         .iter()
-        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && ours(crate::cluster::source_label(l)))
+        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()) && ours(crate::cluster::cached_source_label(l)))
         .map(|l| (l.name_any(), (**l).clone()))
         .collect();
     written.retain(|lock_name, w| match w {
