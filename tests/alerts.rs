@@ -134,13 +134,20 @@ async fn every_alert_names_real_metrics_and_fires_on_the_series_the_operator_exp
     assert_eq!(metric(&text, &format!("statelock_locksource_ready{{namespace=\"{NS}\",source=\"prod-locks\"}}")), Some(1.0));
     assert_eq!(metric(&text, "statelock_leader"), Some(1.0));
     assert!(text.contains("# TYPE statelock_build_info gauge") && text.contains("statelock_build_info{version=\""), "{text}");
-    for m in ["process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total", "process_start_time_seconds"] {
+    let positive = |m: &str| {
         let v = text
             .lines()
             .find_map(|l| l.strip_prefix(m).and_then(|r| r.trim().parse::<f64>().ok()))
             .unwrap_or_else(|| panic!("{m}: {text}"));
         assert!(v > 0.0, "{m} = {v}");
+        v
+    };
+    for m in ["process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total", "process_start_time_seconds"] {
+        positive(m);
     }
+    // The allocator's own figures: what is allocated lies in active pages, which are resident.
+    let heap = ["allocated", "active", "metadata", "resident"].map(|k| positive(&format!("statelock_heap_{k}_bytes")));
+    assert!(heap[0] <= heap[1] && heap[1] <= heap[3], "allocated <= active <= resident: {heap:?}");
     assert!(text.trim_end().ends_with("# EOF") && text.matches("# EOF").count() == 1, "one OpenMetrics exposition");
 
     // A family appears once it has a series: a lock taken through the gateway (a lock attempt)
