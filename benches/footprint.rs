@@ -11,7 +11,8 @@
 //! footprint`. The baseline runs second, and the second replica of a run takes up to twice as
 //! long to write every StateLock whatever it is, and shows less CPU per pod event (the same binary
 //! did both: 92 s against 46 s, 0.58 s against 0.63 s): read those ratios with that in mind. Its
-//! memory barely leans: the same binary came within 1 MiB of anonymous memory either way.
+//! memory barely leans: the same binary, run second with one jemalloc arena, came within 1 MiB of
+//! anonymous memory.
 //!
 //! Environment: `STATELOCK_FOOTPRINT_PODS` (50000), `STATELOCK_FOOTPRINT_WINDOW_SECS` (60),
 //! `STATELOCK_BASELINE_BINARY` (a statelock binary to compare with; unset: the bench builds
