@@ -337,17 +337,21 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut told: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let text = |e: &Event| {
+        format!("{}: {}", e.reason.as_deref().unwrap_or_default(), e.note.as_deref().unwrap_or_default().trim_start_matches(&mark))
+    };
+    // A final answer ends the wait: a release is believed once the StateLock agrees.
+    let conclude = async |e: &Event| {
+        if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
+            confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
+        } else {
+            Err(PluginError::NotReleased(text(e)))
+        }
+    };
     loop {
         let seen = answers().await?;
-        let text = |e: &Event| {
-            format!("{}: {}", e.reason.as_deref().unwrap_or_default(), e.note.as_deref().unwrap_or_default().trim_start_matches(&mark))
-        };
-        if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
-            return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
-                confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
-            } else {
-                Err(PluginError::NotReleased(text(e)))
-            };
+        if let Some(e) = final_answer(&seen) {
+            return conclude(e).await;
         }
         // Progress: a failed attempt that is tried again, a part released.
         for e in &seen {
@@ -365,12 +369,8 @@ async fn unlock(client: &Client, ns: &str, name: &str, id: &str, live: bool, tim
         if now.annotations().get(FORCE_UNLOCK_REQUEST_ANNOTATION) != Some(&token) {
             // Handled (answers are published before the request is removed) or replaced.
             let seen = answers().await?;
-            if let Some(e) = seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r))) {
-                return if e.reason.as_deref() == Some(reasons::FORCE_UNLOCKED) {
-                    confirm_released(&api, name, &uid, (id, &token, live), deadline, text(e)).await
-                } else {
-                    Err(PluginError::NotReleased(text(e)))
-                };
+            if let Some(e) = final_answer(&seen) {
+                return conclude(e).await;
             }
             if let Some(e) = seen.iter().find(|e| e.reason.as_deref() == Some(reasons::LOCK_PARTIALLY_RELEASED)) {
                 return Err(PluginError::NotReleased(text(e)));
@@ -445,6 +445,11 @@ async fn withdraw(api: &Api<StateLock>, name: &str, token: &str, id: &str, live:
 
 /// The events that end a request: released, refused, the wrong ID, or the lock changed.
 const FINAL_ANSWERS: [&str; 4] = [reasons::FORCE_UNLOCKED, reasons::UNLOCK_REFUSED, reasons::UNLOCK_ID_MISMATCH, reasons::RELEASE_SKIPPED];
+
+/// The first event among `seen` that ends the request.
+fn final_answer(seen: &[Event]) -> Option<&Event> {
+    seen.iter().find(|e| e.reason.as_deref().is_some_and(|r| FINAL_ANSWERS.contains(&r)))
+}
 
 /// A token that no other request carries: the time in nanoseconds and this process's ID.
 fn request_token_now() -> String {

@@ -135,10 +135,7 @@ async fn every_alert_names_real_metrics_and_fires_on_the_series_the_operator_exp
     assert_eq!(metric(&text, "statelock_leader"), Some(1.0));
     assert!(text.contains("# TYPE statelock_build_info gauge") && text.contains("statelock_build_info{version=\""), "{text}");
     let positive = |m: &str| {
-        let v = text
-            .lines()
-            .find_map(|l| l.strip_prefix(m).and_then(|r| r.trim().parse::<f64>().ok()))
-            .unwrap_or_else(|| panic!("{m}: {text}"));
+        let v = metric(&text, m).unwrap_or_else(|| panic!("{m}: {text}"));
         assert!(v > 0.0, "{m} = {v}");
         v
     };

@@ -688,9 +688,9 @@ enum Released {
 /// Release every part of the exact lock instance read from the authorities (each delete
 /// conditioned on that part's instance: the Info of an item, the ETag of a file) and report the
 /// outcome ([`Released`]): every part released now, every part gone already, or nothing
-/// released because a part had changed and the release stopped there. A release that removed some parts and then failed is
-/// reported as partial (never as a release) and tried again: the remaining parts are read and
-/// judged afresh.
+/// released because a part had changed and the release stopped there. A release that removed
+/// some parts and then failed is reported as partial (never as a release) and tried again: the
+/// remaining parts are read and judged afresh.
 async fn release_and_report(
     ctx: &Context,
     source: &LockSource,
