@@ -64,6 +64,11 @@ impl Rig {
     }
 
     async fn start_with(mode: &str, interval: &str, poll: &str) -> Self {
+        Self::start_full(mode, interval, poll, None).await
+    }
+
+    /// With the operator's gateway on `gateway_port` (serving this host) when given.
+    async fn start_full(mode: &str, interval: &str, poll: &str, gateway_port: Option<u16>) -> Self {
         let moto = DynamoServer::moto();
         moto.create_lock_table_with_stream(TABLE).await;
         let double = StreamsDouble::start(&moto.url(), TABLE).await;
@@ -83,15 +88,16 @@ impl Rig {
                 }
             }
         });
-        cluster
-            .create_lock_source(
-                NS,
-                "prod-locks",
-                json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": double.url},
-                       "sync": {"mode": mode, "interval": interval, "streamPollInterval": poll}}),
-            )
-            .await;
-        let op = Some(Operator::start(&cluster));
+        let mut spec = json!({"dynamodb": {"tableName": TABLE, "region": "us-east-1", "endpoint": double.url},
+                              "sync": {"mode": mode, "interval": interval, "streamPollInterval": poll}});
+        if gateway_port.is_some() {
+            spec["gateway"] = json!({"allowedSourceRanges": ["127.0.0.1/32"]});
+        }
+        cluster.create_lock_source(NS, "prod-locks", spec).await;
+        let op = Some(match gateway_port {
+            Some(port) => Operator::start_with_gateway(&cluster, port),
+            None => Operator::start(&cluster),
+        });
         Self { moto, double, db, cluster, op, created, watch, written: BTreeSet::new(), next: 0 }
     }
 
@@ -367,6 +373,51 @@ async fn a_poll_interval_longer_than_the_pass_interval_still_follows_the_stream(
     rig.release(&held).await;
     rig.converged("a lock released").await;
     assert_eq!(rig.double.calls("Scan"), scans, "the stream delivered both changes");
+    rig.stop().await;
+}
+
+/// A stream record can trail its write. A lock taken through the gateway is announced to the
+/// mirror (a nudge naming its LockID); the poll that follows does not find the record yet, so the
+/// mirror polls for it again, sooner than its regular pace, until it reads it. Here the regular
+/// polls and passes are an hour apart: only those follow-up polls can read the record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_that_trails_its_write_is_read_by_polls_that_follow_the_gateways_nudge() {
+    let port = common::free_port();
+    let mut rig = Rig::start_full("Streams", "1h", "1h", Some(port)).await;
+    // Synced: the stream is open and read past the start's Scan.
+    eventually(Duration::from_secs(60), "the LockSource to be Ready", || async {
+        let ready = rig.ready().await;
+        (ready.status == "True").then_some(())
+    })
+    .await;
+    let gateway = client_at(&format!("http://127.0.0.1:{port}")).await;
+    // The gateway serves once its caches are in: until then it answers 503 (the write is retried).
+    let id = "tfstate/nudged/terraform.tfstate";
+    let info = terraform_info("nudged-1", "root@runner", id, "2026-11-26T13:02:20Z");
+    // Each record is left out of the first two pages that reach it: the poll the nudge asks for
+    // and the first follow-up do not read it; the second follow-up does.
+    rig.double.faults(|f| f.hide_for_polls = 2);
+    let polls_before = rig.double.calls("GetRecords");
+    eventually(Duration::from_secs(60), "the gateway to take the lock", || async {
+        gateway
+            .put_item()
+            .table_name(TABLE)
+            .item("LockID", AttributeValue::S(id.into()))
+            .item("Info", AttributeValue::S(info.clone()))
+            .condition_expression("attribute_not_exists(LockID)")
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+    eventually(Duration::from_secs(60), "the mirror to read the lock's stream record", || async {
+        (rig.double.served(id) > 0).then_some(())
+    })
+    .await;
+    let polls = rig.double.calls("GetRecords") - polls_before;
+    assert!((3..=12).contains(&polls), "read after the nudged poll and two follow-ups, in {polls} GetRecords calls\n{}", rig.log());
+    rig.written.insert((id.into(), "nudged-1".into()));
+    rig.converged("a lock taken through the gateway").await;
     rig.stop().await;
 }
 

@@ -58,27 +58,78 @@ pub struct Cluster {
     pub nudges: TableNudges,
 }
 
-/// A signal per LockSource that the gateway wrote to its table (forwarded a lock or unlock): a
-/// hint to read the table's stream now, never a fact about the table. Keyed by the LockSource the
-/// gateway served, so that nobody's traffic makes another tenant's mirror poll.
+/// A signal per LockSource that the gateway wrote to its table (forwarded a lock or unlock), with
+/// the LockIDs it wrote: a hint to read the table's stream now, and to keep reading it for a
+/// little while until those items' records appear (a stream record can trail its write), never
+/// a fact about the table. Keyed by the LockSource the gateway served, so that nobody's traffic
+/// makes another tenant's mirror poll.
 #[derive(Default)]
 pub struct TableNudges {
-    sources: Mutex<HashMap<(String, String), watch::Sender<u64>>>,
+    sources: Mutex<HashMap<(String, String), Arc<NudgeChannel>>>,
+}
+
+/// LockIDs nudged but not yet taken by the mirror: at most this many are kept (a further nudge
+/// still wakes the mirror, without a LockID to look for).
+const NUDGED_KEYS_KEPT: usize = 256;
+
+struct NudgeChannel {
+    wake: watch::Sender<u64>,
+    keys: Mutex<Vec<Nudge>>,
+}
+
+/// A LockID the gateway wrote, and when it sent the write: no poll that started before then
+/// can have read the write's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nudge {
+    pub lock_id: String,
+    pub sent: std::time::Instant,
+}
+
+/// The mirror's end of a LockSource's nudges.
+pub struct NudgeReceiver {
+    wake: watch::Receiver<u64>,
+    channel: Arc<NudgeChannel>,
+}
+
+impl NudgeReceiver {
+    /// Wait for the next nudge; an error when the nudges' owner is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.wake.changed().await
+    }
+
+    /// The LockIDs nudged since the last call (also marks the nudges so far as seen).
+    pub fn take(&mut self) -> Vec<Nudge> {
+        self.wake.borrow_and_update();
+        std::mem::take(&mut *self.channel.keys.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 impl TableNudges {
     /// Follow nudges of the LockSource `namespace/name`.
-    pub fn subscribe(&self, namespace: &str, name: &str) -> watch::Receiver<u64> {
+    pub fn subscribe(&self, namespace: &str, name: &str) -> NudgeReceiver {
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        sources.retain(|_, tx| tx.receiver_count() > 0);
-        sources.entry((namespace.to_owned(), name.to_owned())).or_insert_with(|| watch::channel(0).0).subscribe()
+        sources.retain(|_, c| c.wake.receiver_count() > 0);
+        let channel = sources
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert_with(|| Arc::new(NudgeChannel { wake: watch::channel(0).0, keys: Mutex::default() }))
+            .clone();
+        NudgeReceiver { wake: channel.wake.subscribe(), channel }
     }
 
-    /// The gateway wrote to the table of `namespace/name`; nothing happens when nobody follows it.
-    pub fn nudge(&self, namespace: &str, name: &str) {
+    /// The gateway wrote `lock_id` in the table of `namespace/name`, sending the write at `sent`;
+    /// nothing happens when nobody follows it. A LockID nudged again keeps its latest `sent`.
+    pub fn nudge(&self, namespace: &str, name: &str, lock_id: &str, sent: std::time::Instant) {
         let sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = sources.get(&(namespace.to_owned(), name.to_owned())) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(c) = sources.get(&(namespace.to_owned(), name.to_owned())) {
+            {
+                let mut keys = c.keys.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(k) = keys.iter_mut().find(|k| k.lock_id == lock_id) {
+                    k.sent = k.sent.max(sent);
+                } else if keys.len() < NUDGED_KEYS_KEPT {
+                    keys.push(Nudge { lock_id: lock_id.to_owned(), sent });
+                }
+            }
+            c.wake.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 }
@@ -337,6 +388,36 @@ fn drop_managed_fields<K: Resource>(o: &mut K) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nudges reach only their LockSource's follower, carry each LockID once, and are kept up
+    /// to NUDGED_KEYS_KEPT (a nudge beyond still wakes the follower).
+    #[tokio::test]
+    async fn nudges_carry_their_lock_ids_to_their_own_source_only() {
+        let t0 = std::time::Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(5);
+        let nudges = TableNudges::default();
+        nudges.nudge("ns", "src", "before anyone follows", t0);
+        let mut mine = nudges.subscribe("ns", "src");
+        let mut other = nudges.subscribe("ns", "other");
+        nudges.nudge("ns", "src", "a", t0);
+        nudges.nudge("ns", "src", "b", t0);
+        nudges.nudge("ns", "src", "a", t1);
+        mine.changed().await.expect("woken");
+        let took: Vec<(String, std::time::Instant)> = mine.take().into_iter().map(|n| (n.lock_id, n.sent)).collect();
+        assert_eq!(took, [("a".to_owned(), t1), ("b".to_owned(), t0)], "each LockID once, with its latest write");
+        assert!(other.take().is_empty(), "another source's follower hears nothing");
+        for i in 0..NUDGED_KEYS_KEPT + 5 {
+            nudges.nudge("ns", "src", &format!("k{i}"), t0);
+        }
+        assert!(mine.wake.has_changed().expect("open"), "woken");
+        assert_eq!(mine.take().len(), NUDGED_KEYS_KEPT);
+        assert!(!mine.wake.has_changed().expect("open"), "taking marks the nudges seen");
+        drop(other);
+        let _third = nudges.subscribe("ns", "third");
+        let mut followed: Vec<String> = nudges.sources.lock().expect("sources").keys().map(|(_, n)| n.clone()).collect();
+        followed.sort();
+        assert_eq!(followed, ["src", "third"], "a dropped follower is forgotten at the next subscribe");
+    }
 
     fn at(rv: &str) -> StateLock {
         let mut l = StateLock::new("l", crate::crd::StateLockSpec::default());

@@ -43,6 +43,16 @@ pub enum ItemChange {
     Touched(String),
 }
 
+impl ItemChange {
+    /// The LockID of the item changed (none for a new image without one).
+    pub fn lock_id(&self) -> Option<&str> {
+        match self {
+            Self::Put(item) => item.get("LockID").and_then(|v| v.as_s().ok()).map(String::as_str),
+            Self::Removed(id) | Self::Touched(id) => Some(id),
+        }
+    }
+}
+
 /// The DynamoDB Streams calls statelock makes (the IAM actions `dynamodb:<name>`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StreamCall {

@@ -46,10 +46,11 @@ impl Caches {
         Self::new(&cluster)
     }
 
-    /// The gateway wrote to the table of `source`: its mirror reads the stream now.
-    pub fn nudge(&self, source: &crate::crd::LockSource) {
+    /// The gateway wrote `lock_id` in the table of `source` (the write was sent at `sent`): its
+    /// mirror reads the stream now.
+    pub fn nudge(&self, source: &crate::crd::LockSource, lock_id: &str, sent: std::time::Instant) {
         use kube::ResourceExt;
-        self.cluster.nudges.nudge(&source.namespace().unwrap_or_default(), &source.name_any());
+        self.cluster.nudges.nudge(&source.namespace().unwrap_or_default(), &source.name_any(), lock_id, sent);
     }
 
     /// The shared SDK clients, one set per LockSource.

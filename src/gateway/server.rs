@@ -305,8 +305,9 @@ async fn process(gw: &Arc<Gateway>, target: &str, region: Option<&str>, body: &[
         }
     };
     let pod = holder_candidate(gw, &req, caller.pod().cloned());
+    let sent = std::time::Instant::now();
     let outcome = execute(gw, &source, &req).await;
-    note_effects(gw, &source, &req, pod, &outcome);
+    note_effects(gw, &source, &req, pod, &outcome, sent);
     outcome.map(|(v, _)| v)
 }
 
@@ -353,6 +354,7 @@ fn note_effects(
     req: &Request,
     pod: Option<Arc<Pod>>,
     outcome: &Result<(Value, Option<Item>), DynamoErrorBody>,
+    sent: std::time::Instant,
 ) {
     match req {
         Request::PutItem { condition: Some(Condition::NotExists(a)), item, .. } if a == "LockID" && protocol::info_of(item).is_some() => {
@@ -366,12 +368,14 @@ fn note_effects(
             if contended {
                 gw.effects.contended(source, &record, pod);
             } else {
-                gw.caches.nudge(source);
+                gw.caches.nudge(source, &record.lock_id, sent);
                 gw.effects.granted(source, *record, pod);
             }
         }
         Request::DeleteItem { condition, .. } if outcome.is_ok() => {
-            gw.caches.nudge(source);
+            if let Some(id) = req.lock_id() {
+                gw.caches.nudge(source, id, sent);
+            }
             // A conditional delete is statelock's own exact release (expiry, manual unlock),
             // which the expiry controller announces: no "released through the gateway" for it.
             if condition.is_none()

@@ -37,14 +37,14 @@ use kube::{
     runtime::events::Recorder,
 };
 use serde_json::json;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     admin::Readiness,
     cluster::{
-        Cluster,
+        Cluster, NudgeReceiver,
         aws::SourceSdk,
         writer::{LockWriter, Writer},
     },
@@ -506,6 +506,10 @@ struct SourceState {
     /// A full Scan was applied and the stream has not been read until quiet since: nothing may
     /// be written yet (the table may hold an intermediate state of some item).
     catching_up: bool,
+    /// LockIDs the gateway wrote whose records are polled for (kept across passes).
+    awaited: Awaited,
+    /// When the stream was last polled while following it.
+    last_poll: Option<Instant>,
     /// The table as last read, by LockID (lock items only).
     table: BTreeMap<String, LockRecord>,
     /// The lock files as last listed, by object key (`spec.s3`).
@@ -576,6 +580,12 @@ enum Written {
 const RETRY_SOON: Duration = Duration::from_millis(100);
 /// The least time between a poll and one a gateway nudge asks for.
 const NUDGE_SPACING: Duration = Duration::from_millis(200);
+/// A LockID the gateway wrote whose stream record the poll it asked for did not read (a record
+/// can trail its write) is polled for again after 0.2, 0.6, 1.4 and 3 s (each gap twice the one
+/// before, up to this one), then left to the regular polls (see [`Awaited`]).
+const LAST_FOLLOW_UP_GAP: Duration = Duration::from_millis(1600);
+/// At most this many nudged LockIDs are awaited at once; more are left to the regular polls.
+const AWAITED_AT_MOST: usize = 256;
 /// How often the table's current stream ARN is compared with the one followed (DescribeTable,
 /// free of read capacity).
 const ARN_CHECK: Duration = Duration::from_secs(30);
@@ -604,6 +614,106 @@ impl Backoff {
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
         d
+    }
+}
+
+/// When the stream is polled next: after the backoff in trouble (nudges wait); else at the regular
+/// pace (`idle_poll` after the last poll), or sooner for an awaited LockID, but never within
+/// NUDGE_SPACING of the last poll (DynamoDB allows about five reads a second per shard).
+fn next_poll(last_poll: Instant, idle_poll: Duration, trouble: Option<Duration>, awaited: Option<Instant>) -> Instant {
+    match (trouble, awaited) {
+        (Some(wait), _) => last_poll + wait,
+        (None, Some(at)) => at.max(last_poll + NUDGE_SPACING).min(last_poll + idle_poll),
+        (None, None) => last_poll + idle_poll,
+    }
+}
+
+/// LockIDs the gateway wrote (its nudges) whose stream records have not been read yet, and how
+/// soon after a write its record is looked for.
+///
+/// A record trails its write by a delay nobody can know in advance. The first poll for a nudged
+/// LockID is due `first_delay` after the gateway sent the write. Each record that first poll
+/// reads shortens `first_delay` by FIRST_DELAY_DOWN; each it misses lengthens it by nine times as
+/// much (FIRST_DELAY_UP), so it settles where about nine first polls in ten find their record:
+/// near the 90th percentile of the delay, followed as it changes, and at zero where records come
+/// at once. A record missed is polled for again after 0.2, 0.6, 1.4 and 3 s, then left to the
+/// regular polls.
+#[derive(Default)]
+struct Awaited {
+    keys: HashMap<String, AwaitedKey>,
+    /// LockIDs read by the polls of the last READ_REMEMBERED, with when that poll started: a
+    /// nudge taken after the poll that read its record asks for no poll.
+    read: HashMap<String, Instant>,
+    first_delay: Duration,
+}
+
+struct AwaitedKey {
+    /// When the gateway sent the write: only a poll started since can have read its record.
+    sent: Instant,
+    /// When the next poll for it is due, and the gap after that one.
+    at: Instant,
+    gap: Duration,
+    /// No poll was due for it yet.
+    first: bool,
+}
+
+const FIRST_DELAY_DOWN: Duration = Duration::from_millis(5);
+const FIRST_DELAY_UP: Duration = Duration::from_millis(45);
+const FIRST_DELAY_AT_MOST: Duration = Duration::from_secs(1);
+const READ_REMEMBERED: Duration = Duration::from_secs(5);
+
+impl Awaited {
+    /// Await what the gateway wrote; a LockID nudged again is awaited from its latest write.
+    fn add(&mut self, nudges: Vec<crate::cluster::Nudge>) {
+        for n in nudges {
+            if self.read.get(&n.lock_id).is_some_and(|started| *started >= n.sent) {
+                continue;
+            }
+            if self.keys.len() < AWAITED_AT_MOST || self.keys.contains_key(&n.lock_id) {
+                let at = n.sent + self.first_delay;
+                self.keys.insert(n.lock_id, AwaitedKey { sent: n.sent, at, gap: NUDGE_SPACING, first: true });
+            }
+        }
+    }
+
+    /// When a poll is due for an awaited LockID.
+    fn next_at(&self) -> Option<Instant> {
+        self.keys.values().map(|k| k.at).min()
+    }
+
+    /// A poll that started at `started` and ended at `now` read the records of `read`.
+    fn polled(&mut self, read: &[String], started: Instant, now: Instant) {
+        for id in read {
+            self.read.insert(id.clone(), started);
+        }
+        self.read.retain(|_, t| now.saturating_duration_since(*t) < READ_REMEMBERED);
+        let mut delay = self.first_delay;
+        self.keys.retain(|id, k| {
+            if started < k.sent {
+                // Started before the write was sent: whatever it read is an earlier write.
+                return true;
+            }
+            if read.contains(id) {
+                if k.first {
+                    delay = delay.saturating_sub(FIRST_DELAY_DOWN);
+                }
+                return false;
+            }
+            if k.at > started {
+                return true;
+            }
+            if std::mem::take(&mut k.first) {
+                delay = (delay + FIRST_DELAY_UP).min(FIRST_DELAY_AT_MOST);
+            }
+            if k.gap > LAST_FOLLOW_UP_GAP {
+                tracing::debug!(lock_id = %id, "no stream record read for a LockID the gateway wrote; left to the regular polls");
+                return false;
+            }
+            k.at = now + k.gap;
+            k.gap *= 2;
+            true
+        });
+        self.first_delay = delay;
     }
 }
 
@@ -763,7 +873,7 @@ async fn follow(
     source: &LockSource,
     state: &mut SourceState,
     pace: Pace,
-    (nudges, queue): (&mut watch::Receiver<u64>, &mut Option<tokio::sync::mpsc::Receiver<events::QueueNews>>),
+    (nudges, queue): (&mut NudgeReceiver, &mut Option<tokio::sync::mpsc::Receiver<events::QueueNews>>),
     cancel: &CancellationToken,
     mut dirty: bool,
 ) -> std::ops::ControlFlow<()> {
@@ -771,7 +881,7 @@ async fn follow(
     let Pace { interval, idle_poll } = pace;
     // At least one poll per call, also when polls are further apart than passes.
     let until = Instant::now() + interval.max(idle_poll);
-    let mut last_poll = Instant::now();
+    let mut last_poll = state.last_poll.unwrap_or_else(Instant::now);
     let mut backoff = Backoff::new(Duration::from_secs(30));
     // A stream error: polls wait for the backoff, and nudges are ignored.
     let mut trouble: Option<Duration> = None;
@@ -779,29 +889,31 @@ async fn follow(
     // at `retry_at`, while polling goes on at its own pace.
     let mut retry_at = Instant::now();
     let mut write_failed = false;
-    nudges.borrow_and_update();
+    // LockIDs nudged while the pass ran are awaited like any others.
+    state.awaited.add(nudges.take());
     while Instant::now() < until {
-        let delay = trouble.unwrap_or(idle_poll);
-        tokio::select! {
-            () = tokio::time::sleep(delay.min(until.saturating_duration_since(Instant::now()))) => {},
-            r = nudges.changed(), if trouble.is_none() => {
-                if r.is_err() {
-                    return Break(());
-                }
-                // Nudged polls stay within DynamoDB's rate for a shard (about five a second).
-                tokio::time::sleep(NUDGE_SPACING.saturating_sub(last_poll.elapsed())).await;
-            }
-            news = events::next(queue) => {
-                take_events(ctx, source, state, news).await;
-                // Events never hold the stream back (it is polled when its time has come), nor
-                // hurry it while it backs off from trouble.
-                if last_poll.elapsed() < trouble.unwrap_or(idle_poll) {
+        let due = next_poll(last_poll, idle_poll, trouble, state.awaited.next_at());
+        if Instant::now() < due {
+            tokio::select! {
+                () = tokio::time::sleep_until(due.min(until).into()) => {},
+                r = nudges.changed(), if trouble.is_none() => {
+                    if r.is_err() {
+                        return Break(());
+                    }
+                    state.awaited.add(nudges.take());
                     continue;
                 }
+                // Events never hold the stream back (it is polled when its time has come), nor
+                // hurry it while it backs off from trouble.
+                news = events::next(queue) => {
+                    take_events(ctx, source, state, news).await;
+                    continue;
+                }
+                () = cancel.cancelled() => return Break(()),
             }
-            () = cancel.cancelled() => return Break(()),
         }
-        if Instant::now() >= until && !dirty && (last_poll.elapsed() < idle_poll || trouble.is_some()) {
+        let now = Instant::now();
+        if now >= until && !dirty && (now < due || trouble.is_some()) {
             break;
         }
         if state.last_arn_check.is_none_or(|t| t.elapsed() >= ARN_CHECK) {
@@ -828,8 +940,10 @@ async fn follow(
             }
         }
         last_poll = Instant::now();
-        let Followed { changed, error } = follow_stream(ctx, source, state).await;
+        state.last_poll = Some(last_poll);
+        let Followed { changed, read, error } = follow_stream(ctx, source, state).await;
         take_stream_calls(ctx, source, state);
+        state.awaited.polled(&read, last_poll, Instant::now());
         dirty |= changed;
         let mut failed: Option<SyncError> = None;
         let mut report_ok = false;
@@ -1220,6 +1334,8 @@ async fn catch_up(ctx: &Context, source: &LockSource, state: &mut SourceState) -
 struct Followed {
     /// Records arrived and were applied to the table in memory.
     changed: bool,
+    /// The LockIDs of the records read.
+    read: Vec<String>,
     /// The first failure (a stream call, or a read a KEYS_ONLY record asked for).
     error: Option<SyncError>,
 }
@@ -1227,11 +1343,12 @@ struct Followed {
 /// Apply what the stream says to the table in memory: all that was read, even when a call
 /// failed.
 async fn follow_stream(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Followed {
-    let Some(reader) = state.stream.as_mut() else { return Followed { changed: false, error: None } };
+    let Some(reader) = state.stream.as_mut() else { return Followed { changed: false, read: Vec::new(), error: None } };
     let outcome = reader.poll().await;
     let changed = !outcome.changes.is_empty();
+    let read = outcome.changes.iter().filter_map(ItemChange::lock_id).map(str::to_owned).collect();
     let applied = apply_changes(ctx, source, state, outcome.changes).await;
-    Followed { changed, error: outcome.error.map(SyncError::from).or(applied.err()) }
+    Followed { changed, read, error: outcome.error.map(SyncError::from).or(applied.err()) }
 }
 
 /// Apply what the stream says to the table in memory. An item a KEYS_ONLY record names is read
@@ -1545,4 +1662,146 @@ async fn write_source_status(
     let written_at = if synced || previous.is_none() { now } else { previous.map_or(now, |p| p.1) };
     state.last_status = Some((status, written_at));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Nudge;
+
+    fn nudges(k: &[&str], sent: Instant) -> Vec<Nudge> {
+        k.iter().map(|s| Nudge { lock_id: (*s).to_owned(), sent }).collect()
+    }
+
+    fn ids(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A nudged LockID asks for a poll at once; one whose record does not come is polled for
+    /// again 0.2, 0.6, 1.4 and 3 s after the first poll, then given up; one read is done with.
+    #[test]
+    fn awaited_lock_ids_are_polled_for_at_doubling_gaps_until_read_or_given_up() {
+        let t0 = Instant::now();
+        let mut a = Awaited::default();
+        assert_eq!(a.next_at(), None, "nothing awaited: the regular pace");
+        a.add(nudges(&["a", "b"], t0));
+        assert_eq!(a.next_at(), Some(t0));
+        // The first poll reads `b` only.
+        a.polled(&ids(&["b"]), t0, t0);
+        let mut polls = vec![t0];
+        while let Some(at) = a.next_at() {
+            polls.push(at);
+            a.polled(&[], at, at);
+            assert!(polls.len() < 10, "follow-ups end");
+        }
+        let gaps: Vec<u128> = polls.windows(2).map(|w| w[1].duration_since(w[0]).as_millis()).collect();
+        assert_eq!(gaps, [200, 400, 800, 1600], "the follow-ups after the first poll, then none");
+        // A LockID written again is awaited from its new write.
+        let t1 = t0 + ms(10_000);
+        a.add(nudges(&["c"], t1));
+        a.polled(&[], t1, t1);
+        a.add(nudges(&["c"], t1 + ms(300)));
+        assert!(a.next_at().is_some_and(|at| at >= t1 + ms(300)), "nudged again: polled for after its new write");
+        a.polled(&ids(&["c"]), t1 + ms(400), t1 + ms(410));
+        assert_eq!(a.next_at(), None);
+    }
+
+    /// Only a poll that started after the write was sent can have read its record: one that
+    /// started before neither settles it nor counts as a miss; a nudge taken after a poll that
+    /// started after the write and read it asks for no poll at all.
+    #[test]
+    fn only_polls_started_after_the_write_count() {
+        let t0 = Instant::now();
+        let mut a = Awaited::default();
+        a.add(nudges(&["a"], t0 + ms(10)));
+        a.polled(&ids(&["a"]), t0, t0 + ms(20));
+        assert_eq!(a.keys.len(), 1, "an earlier write's record does not settle it");
+        assert!(a.keys["a"].first, "nor is that poll a miss");
+        // The record read by a poll started after the write, taken before the nudge.
+        let mut b = Awaited::default();
+        b.polled(&ids(&["b"]), t0 + ms(15), t0 + ms(30));
+        b.add(nudges(&["b"], t0 + ms(10)));
+        assert_eq!(b.next_at(), None, "already read: no poll asked for");
+        b.add(nudges(&["b"], t0 + ms(20)));
+        assert!(b.next_at().is_some(), "a write sent after that poll started is awaited");
+    }
+
+    /// A poll made for another reason before a LockID's follow-up is due leaves its schedule.
+    #[test]
+    fn a_poll_before_a_follow_up_is_due_does_not_spend_it() {
+        let t0 = Instant::now();
+        let mut a = Awaited::default();
+        a.add(nudges(&["a"], t0));
+        a.polled(&[], t0, t0);
+        a.polled(&[], t0 + ms(50), t0 + ms(60));
+        assert_eq!(a.next_at(), Some(t0 + ms(200)));
+    }
+
+    /// The first poll's delay settles near the 90th percentile of how late records are: misses
+    /// lengthen it nine times as much as hits shorten it; records that come at once keep it at 0.
+    #[test]
+    fn the_first_poll_learns_how_late_records_come() {
+        let mut a = Awaited::default();
+        let mut t = Instant::now();
+        // Records readable 100 ms after their write, except one in five, 300 ms after.
+        let mut first_polls = Vec::new();
+        for i in 0..2_000u32 {
+            let late = if i % 5 == 0 { ms(300) } else { ms(100) };
+            let sent = t;
+            a.add(nudges(&["k"], sent));
+            while let Some(at) = a.next_at() {
+                let read = at >= sent + late;
+                if a.keys["k"].first {
+                    first_polls.push(at.duration_since(sent));
+                }
+                a.polled(&if read { ids(&["k"]) } else { Vec::new() }, at, at);
+            }
+            t += ms(5_000);
+        }
+        let settled = &first_polls[1_000..];
+        let mean = settled.iter().sum::<Duration>() / settled.len() as u32;
+        assert!(mean >= ms(100) && mean <= ms(300), "between the usual and the late delay: {mean:?}");
+        let missed = settled.iter().zip(0..).filter(|(d, i)| **d < if (1_000 + i) % 5 == 0 { ms(300) } else { ms(100) }).count();
+        assert!(missed * 100 <= settled.len() * 25, "about one first poll in ten misses: {missed} of {}", settled.len());
+        // Records that come at once bring it back to zero.
+        for _ in 0..400 {
+            let sent = t;
+            a.add(nudges(&["k"], sent));
+            let at = a.next_at().expect("due");
+            a.polled(&ids(&["k"]), at, at);
+            t += ms(5_000);
+        }
+        assert_eq!(a.first_delay, Duration::ZERO);
+    }
+
+    /// Awaited LockIDs hurry the next poll up to NUDGE_SPACING after the last one, never past the
+    /// regular pace (also one faster than that spacing); trouble's backoff overrides both.
+    #[test]
+    fn the_next_poll_is_spaced_and_paced() {
+        let t0 = Instant::now();
+        assert_eq!(next_poll(t0, ms(2_000), None, None), t0 + ms(2_000));
+        assert_eq!(next_poll(t0, ms(2_000), None, Some(t0)), t0 + NUDGE_SPACING);
+        assert_eq!(next_poll(t0, ms(2_000), None, Some(t0 + ms(700))), t0 + ms(700));
+        assert_eq!(next_poll(t0, ms(2_000), None, Some(t0 + ms(9_000))), t0 + ms(2_000));
+        assert_eq!(next_poll(t0, ms(100), None, Some(t0)), t0 + ms(100), "a regular pace faster than the spacing");
+        assert_eq!(next_poll(t0, ms(2_000), Some(ms(8_000)), Some(t0)), t0 + ms(8_000));
+    }
+
+    /// At most AWAITED_AT_MOST LockIDs are awaited; one already awaited is still renewed.
+    #[test]
+    fn awaited_lock_ids_are_bounded() {
+        let t0 = Instant::now();
+        let mut a = Awaited::default();
+        let many: Vec<String> = (0..AWAITED_AT_MOST + 10).map(|i| format!("k{i}")).collect();
+        a.add(many.iter().map(|k| Nudge { lock_id: k.clone(), sent: t0 }).collect());
+        assert_eq!(a.keys.len(), AWAITED_AT_MOST);
+        let later = t0 + ms(1_000);
+        a.add(nudges(&["k0", "new"], later));
+        assert_eq!(a.keys.len(), AWAITED_AT_MOST, "a new one is left to the regular polls");
+        assert_eq!(a.keys.get("k0").map(|k| k.sent), Some(later), "an awaited one is renewed");
+    }
 }

@@ -35,6 +35,10 @@ struct Record {
     key: String,
     image: Option<Value>,
     at: f64,
+    /// When the write was made, and how many more GetRecords pages must leave the record out
+    /// (see [`Faults::propagation`] and [`Faults::hide_for_polls`]).
+    written: Instant,
+    hidden_polls: u64,
 }
 
 #[derive(Debug)]
@@ -69,6 +73,12 @@ pub struct Faults {
     pub stalled: std::collections::HashSet<String>,
     /// Every Scan fails with AccessDeniedException (a role allowed the stream but not Scan).
     pub deny_scan: bool,
+    /// A record is readable only this long after its write (as in DynamoDB, where a record
+    /// trails its write): GetRecords pages end before the first younger record.
+    pub propagation: Duration,
+    /// A record written while this is n is left out of the first n GetRecords pages that reach
+    /// it (a record that trails its write, counted in polls rather than time).
+    pub hide_for_polls: u64,
 }
 
 #[derive(Default)]
@@ -83,6 +93,8 @@ struct Inner {
     faults: Faults,
     /// Calls received, by X-Amz-Target operation name.
     calls: BTreeMap<String, u64>,
+    /// Records returned by GetRecords, by LockID.
+    served: HashMap<String, u64>,
     /// Operations received, by the access key that signed them.
     by_key: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
@@ -124,6 +136,7 @@ impl Inner {
         self.next_seq += 1;
         let seq = self.next_seq;
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64().floor());
+        let hidden_polls = self.faults.hide_for_polls;
         let Some(stream) = self.current() else { return };
         let open: Vec<usize> = stream.shards.iter().enumerate().filter(|(_, s)| s.end.is_none()).map(|(i, _)| i).collect();
         if open.is_empty() {
@@ -132,7 +145,7 @@ impl Inner {
         // One key always goes to the same open shard, so its records stay in order.
         let h = key.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
         let i = open[(h % open.len() as u64) as usize];
-        stream.shards[i].records.push(Record { seq, event, key, image, at });
+        stream.shards[i].records.push(Record { seq, event, key, image, at, written: Instant::now(), hidden_polls });
     }
 }
 
@@ -248,6 +261,11 @@ impl StreamsDouble {
     /// Calls received, by operation (`Scan`, `GetRecords`, ...).
     pub fn calls(&self, op: &str) -> u64 {
         self.with(|i| i.calls.get(op).copied().unwrap_or(0))
+    }
+
+    /// How many records of `lock_id` GetRecords has returned.
+    pub fn served(&self, lock_id: &str) -> u64 {
+        self.with(|i| i.served.get(lock_id).copied().unwrap_or(0))
     }
 
     /// Every operation received so far from requests signed with `access_key`.
@@ -419,18 +437,37 @@ fn streams_call(st: &AppState, op: &str, req: &Value) -> Response {
                 return error(StatusCode::BAD_REQUEST, "LimitExceededException", "Too many requests for this shard");
             }
             let limit = req["Limit"].as_u64().unwrap_or(1000).min(1000) as usize;
+            let propagation = inner.faults.propagation;
+            let frozen = inner.faults.empty_next > 0 || inner.faults.stalled.contains(&shard_id);
+            let Some(shard) =
+                inner.streams.iter_mut().find(|s| s.arn == arn).and_then(|s| s.shards.iter_mut().find(|sh| sh.id == shard_id))
+            else {
+                return error(StatusCode::BAD_REQUEST, "ResourceNotFoundException", "Requested resource not found");
+            };
+            let (page, next) = if frozen {
+                (Vec::new(), pos)
+            } else {
+                // The page ends before the first record not readable yet; that record is then
+                // left out of one page fewer.
+                let readable = shard.records[pos.min(shard.records.len())..]
+                    .iter()
+                    .take(limit)
+                    .take_while(|r| r.hidden_polls == 0 && r.written.elapsed() >= propagation)
+                    .count();
+                if let Some(r) = shard.records.get_mut(pos + readable).filter(|_| readable < limit) {
+                    r.hidden_polls = r.hidden_polls.saturating_sub(1);
+                }
+                let page: Vec<Record> = shard.records[pos.min(shard.records.len())..].iter().take(readable).cloned().collect();
+                (page, pos + readable)
+            };
             let Some(shard) = inner.streams.iter().find(|s| s.arn == arn).and_then(|s| s.shards.iter().find(|sh| sh.id == shard_id)) else {
                 return error(StatusCode::BAD_REQUEST, "ResourceNotFoundException", "Requested resource not found");
             };
-            let (page, next) = if inner.faults.empty_next > 0 || inner.faults.stalled.contains(&shard_id) {
-                (Vec::new(), pos)
-            } else {
-                let page: Vec<Record> = shard.records.iter().skip(pos).take(limit).cloned().collect();
-                let next = pos + page.len();
-                (page, next)
-            };
             let closed_and_done = shard.end.is_some() && next >= shard.records.len();
             inner.faults.empty_next = inner.faults.empty_next.saturating_sub(1);
+            for r in &page {
+                *inner.served.entry(r.key.clone()).or_default() += 1;
+            }
             let records: Vec<Value> = page
                 .iter()
                 .map(|r| {
