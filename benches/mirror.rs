@@ -315,8 +315,10 @@ async fn main() {
         let mut steady = Vec::new();
         while started.elapsed() < Duration::from_secs(seconds) {
             let (id, at) = write_lock(&writer, &table, 1000 + t, "churn", nudge).await;
-            if t > 0 {
-                let id = lock_id("churn", 1000 + t - 1);
+            // Each lock is held 3 s, longer than the slowest poll interval, so that every one
+            // is mirrored (a lock taken and released between two polls never shows).
+            if t >= 3 {
+                let id = lock_id("churn", 1000 + t - 3);
                 let sent = Instant::now();
                 writer.delete_item().table_name(&table).key("LockID", AttributeValue::S(id.clone())).send().await.expect("delete");
                 if let Some(c) = nudge {
@@ -354,7 +356,7 @@ async fn main() {
         ms(percentile(&scan_lag, 0.99))
     );
     println!(
-        "cost per hour, 10,000 states + 50 held locks, one lock taken and one released a second ({seconds} s windows), AWS list prices:"
+        "cost per hour, 10,000 states + 50 held locks, one lock taken and one released a second, each held 3 s ({seconds} s windows), AWS list prices:"
     );
     println!(
         "  naive full Scan every second: {per_scan:.1} RCU per scan; ${naive_on_demand:.4}/h on demand, ${naive_provisioned:.4}/h provisioned ({:.0} RCU)",

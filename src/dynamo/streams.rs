@@ -567,6 +567,19 @@ mod tests {
         l.readable().into_iter().map(|(s, _)| s).collect()
     }
 
+    /// The LockID a change is about: what the mirror matches the gateway's nudges against.
+    #[test]
+    fn a_change_names_its_lock_id() {
+        let item =
+            HashMap::from([("LockID".to_owned(), AttributeValue::S("b/k".into())), ("Info".to_owned(), AttributeValue::S("{}".into()))]);
+        assert_eq!(ItemChange::Put(item).lock_id(), Some("b/k"));
+        assert_eq!(ItemChange::Removed("b/r".into()).lock_id(), Some("b/r"));
+        assert_eq!(ItemChange::Touched("b/t".into()).lock_id(), Some("b/t"));
+        let odd = HashMap::from([("LockID".to_owned(), AttributeValue::N("1".into()))]);
+        assert_eq!(ItemChange::Put(odd).lock_id(), None, "a LockID that is not a string names nothing");
+        assert_eq!(ItemChange::Put(HashMap::new()).lock_id(), None);
+    }
+
     #[test]
     fn closed_shards_at_opening_are_history_and_open_ones_start_at_latest() {
         let l = Lineage::at_open(&[shard("a", None, false), shard("b", Some("a"), true)]);
