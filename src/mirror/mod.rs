@@ -644,9 +644,10 @@ fn next_poll(last: (Instant, Instant), idle_poll: Duration, trouble: Option<Dura
 #[derive(Default)]
 struct Awaited {
     keys: HashMap<String, AwaitedKey>,
-    /// LockIDs read by the polls of the last READ_REMEMBERED, with when that poll started: a
-    /// nudge taken after the poll that read its record asks for no poll.
-    read: HashMap<String, Instant>,
+    /// LockIDs read by the polls of the last READ_REMEMBERED, with when that poll started and
+    /// ended: a nudge taken after a poll that started after its write and read its record asks
+    /// for no poll.
+    read: HashMap<String, (Instant, Instant)>,
     first_delay: Duration,
 }
 
@@ -669,14 +670,17 @@ impl Awaited {
     /// Await what the gateway wrote; a LockID nudged again is awaited from its latest write.
     fn add(&mut self, nudges: Vec<crate::cluster::Nudge>) {
         for n in nudges {
-            if self.read.get(&n.lock_id).is_some_and(|started| *started >= n.sent)
-                || self.keys.get(&n.lock_id).is_some_and(|k| k.sent >= n.sent)
-            {
+            let read = self.read.get(&n.lock_id);
+            if read.is_some_and(|(started, _)| *started >= n.sent) || self.keys.get(&n.lock_id).is_some_and(|k| k.sent >= n.sent) {
                 continue;
             }
+            // Read by a poll under way while the write was sent: maybe this write's record, maybe
+            // an earlier one's. Polled for all the same, but the next poll not reading it teaches
+            // nothing about how late records come.
+            let first = !read.is_some_and(|(_, ended)| *ended >= n.sent);
             if self.keys.len() < AWAITED_AT_MOST || self.keys.contains_key(&n.lock_id) {
                 let at = n.sent + self.first_delay;
-                self.keys.insert(n.lock_id, AwaitedKey { sent: n.sent, at, gap: NUDGE_SPACING, first: true });
+                self.keys.insert(n.lock_id, AwaitedKey { sent: n.sent, at, gap: NUDGE_SPACING, first });
             }
         }
     }
@@ -691,9 +695,9 @@ impl Awaited {
     fn polled(&mut self, read: &[String], started: Instant, now: Instant, complete: bool) {
         let read: HashSet<&String> = read.iter().collect();
         for id in &read {
-            self.read.insert((*id).clone(), started);
+            self.read.insert((*id).clone(), (started, now));
         }
-        self.read.retain(|_, t| now.saturating_duration_since(*t) < READ_REMEMBERED);
+        self.read.retain(|_, (t, _)| now.saturating_duration_since(*t) < READ_REMEMBERED);
         let mut delay = self.first_delay;
         self.keys.retain(|id, k| {
             if started < k.sent {
@@ -1744,6 +1748,11 @@ mod tests {
         assert_eq!(b.next_at(), None, "already read: no poll asked for");
         b.add(nudges(&["b"], t0 + ms(20)));
         assert!(b.next_at().is_some(), "a write sent after that poll started is awaited");
+        assert!(!b.keys["b"].first, "sent while that poll was under way: its next poll teaches nothing");
+        b.polled(&[], t0 + ms(200), t0 + ms(210), true);
+        assert_eq!(b.first_delay, Duration::ZERO, "no miss counted");
+        b.add(nudges(&["b"], t0 + ms(220)));
+        assert!(b.keys["b"].first, "sent after that poll ended: a first poll like any other");
     }
 
     /// A poll that failed (throttled, say) settles the LockIDs it read, but is no miss for the
