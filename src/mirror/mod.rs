@@ -677,7 +677,7 @@ impl Awaited {
             // Read by a poll under way while the write was sent: maybe this write's record, maybe
             // an earlier one's. Polled for all the same, but the next poll not reading it teaches
             // nothing about how late records come.
-            let first = !read.is_some_and(|(_, ended)| *ended >= n.sent);
+            let first = read.is_none_or(|(_, ended)| *ended < n.sent);
             if self.keys.len() < AWAITED_AT_MOST || self.keys.contains_key(&n.lock_id) {
                 let at = n.sent + self.first_delay;
                 self.keys.insert(n.lock_id, AwaitedKey { sent: n.sent, at, gap: NUDGE_SPACING, first });
