@@ -68,8 +68,8 @@ pub struct TableNudges {
     sources: Mutex<HashMap<(String, String), Arc<NudgeChannel>>>,
 }
 
-/// LockIDs nudged but not yet taken by the mirror: at most this many are kept (a further nudge
-/// still wakes the mirror, without a LockID to look for).
+/// LockIDs nudged but not yet taken by the mirror: at most this many are kept (a further one is
+/// left to the mirror's regular polls).
 const NUDGED_KEYS_KEPT: usize = 256;
 
 struct NudgeChannel {

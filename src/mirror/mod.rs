@@ -667,6 +667,14 @@ const FIRST_DELAY_AT_MOST: Duration = Duration::from_secs(1);
 const READ_REMEMBERED: Duration = Duration::from_secs(5);
 
 impl Awaited {
+    /// After a Scan and catch-up: what they read may have been an awaited LockID's record, so
+    /// the next poll not reading it teaches nothing.
+    fn caught_up(&mut self) {
+        for k in self.keys.values_mut() {
+            k.first = false;
+        }
+    }
+
     /// Await what the gateway wrote; a LockID nudged again is awaited from its latest write.
     fn add(&mut self, nudges: Vec<crate::cluster::Nudge>) {
         for n in nudges {
@@ -690,9 +698,10 @@ impl Awaited {
         self.keys.values().map(|k| k.at).min()
     }
 
-    /// A poll that started at `started` and ended at `now` read the records of `read`; a poll
-    /// that failed (`complete` false) settles what it read, but misses nothing.
-    fn polled(&mut self, read: &[String], started: Instant, now: Instant, complete: bool) {
+    /// A poll that started at `started` and ended at `now` read the records of `read`. Each
+    /// LockID it was due for and did not read moves on to its next follow-up (or is given up),
+    /// whatever happened; only a poll that did not fail (`learn`) teaches `first_delay`.
+    fn polled(&mut self, read: &[String], started: Instant, now: Instant, learn: bool) {
         let read: HashSet<&String> = read.iter().collect();
         for id in &read {
             self.read.insert((*id).clone(), (started, now));
@@ -705,15 +714,15 @@ impl Awaited {
                 return true;
             }
             if read.contains(id) {
-                if k.first {
+                if k.first && learn {
                     delay = delay.saturating_sub(FIRST_DELAY_DOWN);
                 }
                 return false;
             }
-            if k.at > started || !complete {
+            if k.at > started {
                 return true;
             }
-            if std::mem::take(&mut k.first) {
+            if std::mem::take(&mut k.first) && learn {
                 delay = (delay + FIRST_DELAY_UP).min(FIRST_DELAY_AT_MOST);
             }
             if k.gap > LAST_FOLLOW_UP_GAP {
@@ -958,7 +967,7 @@ async fn follow(
         last_poll = Instant::now();
         let Followed { changed, read, error } = follow_stream(ctx, source, state).await;
         take_stream_calls(ctx, source, state);
-        // A failed poll says nothing about the records it did not reach.
+        // A failed poll says nothing about how late records come.
         state.awaited.polled(&read, last_poll, Instant::now(), error.is_none());
         dirty |= changed;
         let mut failed: Option<SyncError> = None;
@@ -1222,6 +1231,7 @@ async fn sync_once(ctx: &Context, source: &LockSource, state: &mut SourceState) 
         state.catching_up = false;
         // Following starts at the regular pace from here.
         state.last_poll = None;
+        state.awaited.caught_up();
     }
     let locks = reconcile(ctx, source, state).await?;
     if let Some(e) = files_error {
@@ -1342,7 +1352,10 @@ fn apply_item(table: &mut BTreeMap<String, LockRecord>, item: &HashMap<String, a
 /// Read one page of every readable shard into the table; true when the stream was quiet.
 async fn catch_up(ctx: &Context, source: &LockSource, state: &mut SourceState) -> Result<bool, SyncError> {
     let Some(reader) = state.stream.as_mut() else { return Ok(true) };
+    let started = Instant::now();
     let outcome = reader.poll().await;
+    let read: Vec<String> = outcome.changes.iter().filter_map(ItemChange::lock_id).map(str::to_owned).collect();
+    state.awaited.polled(&read, started, Instant::now(), false);
     apply_changes(ctx, source, state, outcome.changes).await?;
     if let Some(e) = outcome.error {
         return Err(e.into());
@@ -1755,17 +1768,39 @@ mod tests {
         assert!(b.keys["b"].first, "sent after that poll ended: a first poll like any other");
     }
 
-    /// A poll that failed (throttled, say) settles the LockIDs it read, but is no miss for the
-    /// others: their schedule and the learned delay stay as they were.
+    /// A poll that failed (throttled, or a KEYS_ONLY item read refused) settles the LockIDs it
+    /// read and moves the others on to their follow-ups, but teaches nothing about how late
+    /// records come; polls that keep failing still give a LockID up after its follow-ups.
     #[test]
-    fn a_failed_poll_misses_nothing() {
+    fn a_failed_poll_teaches_nothing_and_follow_ups_still_end() {
         let t0 = Instant::now();
         let mut a = Awaited::default();
         a.add(nudges(&["a", "b"], t0));
         a.polled(&ids(&["a"]), t0, t0 + ms(10), false);
         assert_eq!(a.keys.len(), 1, "what it read is settled");
-        assert!(a.keys["b"].first && a.keys["b"].at == t0, "the other is still due for its first poll");
+        assert_eq!(a.keys["b"].at, t0 + ms(210), "the other moves on to its first follow-up");
+        assert_eq!(a.first_delay, Duration::ZERO, "no miss learnt");
+        let mut polls = 1;
+        while let Some(at) = a.next_at() {
+            a.polled(&[], at, at + ms(10), false);
+            polls += 1;
+            assert!(polls <= 6, "failing polls end too");
+        }
+        assert_eq!(polls, 5);
         assert_eq!(a.first_delay, Duration::ZERO);
+    }
+
+    /// What a Scan and catch-up read may have been an awaited record: the next poll not finding
+    /// it is no miss.
+    #[test]
+    fn after_a_catch_up_a_missing_record_is_no_miss() {
+        let t0 = Instant::now();
+        let mut a = Awaited::default();
+        a.add(nudges(&["a"], t0));
+        a.caught_up();
+        a.polled(&[], t0 + ms(300), t0 + ms(310), true);
+        assert_eq!(a.first_delay, Duration::ZERO);
+        assert!(a.next_at().is_some(), "still polled for, at its follow-ups");
     }
 
     /// A nudge that comes late for an earlier write leaves the wait for the later one.
